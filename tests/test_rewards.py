@@ -575,3 +575,22 @@ def test_aesthetic_head_files_and_the_missing_head_error(tmp_path):
         REWARDS["aesthetic"](extractor=MeanColour(), head=str(tmp_path / "keys.safetensors"))
     with pytest.raises(UserError, match="no such file"):
         REWARDS["aesthetic"](extractor=MeanColour(), head=str(tmp_path / "none.pt"))
+
+
+def test_flat_rewards_tables_in_a_recipe_carry_their_options_beside_name_and_weight():
+    import tomllib
+    from dataclasses import dataclass
+
+    from psr.core.recipe import build
+
+    @dataclass(frozen=True)
+    class Recipe:
+        rewards: tuple[RewardSpec, ...] = ()
+
+    text = ('[[rewards]]\nname = "psr"\nextractor = {name = "dino", tiny = true}\n'
+            '[[rewards]]\nname = "hungarian"\nweight = 0.5\nmissing_penalty = 0.5\n')
+    recipe = build(Recipe, tomllib.loads(text))
+    assert recipe.rewards[0].options == {"extractor": {"name": "dino", "tiny": True}}
+    assert (recipe.rewards[1].weight, recipe.rewards[1].options) == (0.5, {"missing_penalty": 0.5})
+    with pytest.raises(RecipeError, match=r"rewards\[0\]\.options\.extractr: unknown key \(did you mean 'extractor'"):
+        build(Recipe, tomllib.loads('[[rewards]]\nname = "psr"\nextractr = {name = "dino"}\n'))

@@ -116,6 +116,16 @@ def build(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass `cls` from a TOML table, raising `RecipeError` with the key path."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    extra = getattr(cls, "RECIPE_EXTRA_KEYS", None)
+    if extra is not None:
+        # Plugin tables (`[[rewards]] name = "psr" weight = 1 extractor = {...}`) keep their
+        # plugin's own options flat; the class validates them against the plugin's option list.
+        flat = {k: v for k, v in data.items() if k not in fields}
+        if flat:
+            nested = data.get(extra, {})
+            if not isinstance(nested, dict):
+                raise RecipeError(_join(path, extra), f"expected a table, got {_describe(nested)}")
+            data = {k: v for k, v in data.items() if k in fields} | {extra: {**nested, **flat}}
     for key in data:
         if key not in fields:
             raise RecipeError(_join(path, key), "unknown key" + _suggest(key, fields))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from psr.errors import RecipeError
 from psr.rewards.base import ComponentCache, RewardBatch, RewardResult, parse_options
@@ -63,7 +63,10 @@ class RewardSpec:
     label: str | None = None
     """Name of its terms in logs (default: the reward name); needed to list a reward twice."""
     options: dict[str, Any] = field(default_factory=dict)
-    """The reward's options (see each reward's Options)."""
+    """The reward's options (see each reward's Options); in TOML they may also sit flat in
+    the `[[rewards]]` table beside name and weight."""
+
+    RECIPE_EXTRA_KEYS: ClassVar[str] = "options"
 
     def __post_init__(self):
         _check_name(self.name, "name")
