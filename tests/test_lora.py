@@ -264,3 +264,19 @@ def test_lora_and_moe_lora_do_not_stack_on_one_layer(base):
     add_lora(other, rank=2, targets=["ff"])
     with pytest.raises(UserError, match="already has LoRA"):
         add_moe_lora(other, experts=2)
+
+
+def test_moe_lora_trains_under_gradient_checkpointing_with_the_same_gradients(base):
+    plain, checkpointed = copy.deepcopy(base), copy.deepcopy(base)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(0)  # same experts and router in both
+        add_moe_lora(model, experts=2, top_k=1, rank=4)
+        _randomize(model, names=("lora_B",))
+        if model is checkpointed:
+            model.enable_gradient_checkpointing()
+        model.train()
+        out = model(**_inputs())[0]
+        (out.square().mean() + 0.01 * moe_aux_loss(model)).backward()
+        grads.append(model.transformer_blocks[0].ff.router.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -170,7 +170,9 @@ def _softmax_slice(query: torch.Tensor, key: torch.Tensor, keep: slice | None) -
     query [B, H, Q, D], key [B, H, K, D] → [B, Q, K'] float32.
     """
     scale = query.shape[-1] ** -0.5
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    # The losses take logs of these probabilities: keep them float32 even under autocast.
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     probs = logits.softmax(dim=-1)
     if keep is not None:
         probs = probs[..., keep]

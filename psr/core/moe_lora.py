@@ -95,9 +95,11 @@ class MoELoRA(nn.Module):
         h = x.to(self.lora_A.dtype) @ self.lora_A.reshape(k * r, -1).t()   # [..., K·r]
         h = (h.unflatten(-1, (k, r)) * gates.to(h.dtype)[..., None]).flatten(-2)
         delta = h @ self.lora_B.permute(0, 2, 1).reshape(k * r, -1)        # [..., out]
+        # Computed on every forward so a checkpointed recomputation saves the same tensors as
+        # the first pass; recorded only outside backward, where it would count twice.
+        balance = load_balance_loss(probs, top_i)
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            # Not inside a checkpoint recomputation (that would count this forward twice).
-            self._sink.terms.append(load_balance_loss(probs, top_i))
+            self._sink.terms.append(balance)
         return y + (self.scaling * delta).to(y.dtype)
 
 

@@ -1,0 +1,167 @@
+"""Atomic, exactly resumable training checkpoints.
+
+A checkpoint is a folder `out/checkpoints/step_XXXXXX/`:
+
+    trainable.safetensors   every trainable weight (all transformer weights for a full
+                            fine-tune, the LoRA / MoE-LoRA weights otherwise), float32
+    ema.safetensors         their EMA (when train.ema_decay > 0)
+    optimizer.pt            AdamW state          scheduler.pt   LR scheduler state
+    rng_<rank>.pt           python, numpy, torch CPU and CUDA generator states per process
+    accelerate/             accelerate's own state, only under FSDP / DeepSpeed
+    recipe.toml             the resolved recipe (what `psr pretrain --export` rebuilds)
+    state.json              step, micro-batches consumed, epoch, recipe hash; written last
+
+Everything is written into `checkpoints/.tmp-step_XXXXXX/` and the folder is renamed into
+place only when complete, so a kill at any moment leaves the previous checkpoints intact
+and at worst a `.tmp-*` folder, which is ignored and removed by the next run. Older
+checkpoints beyond `keep_last` are deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from psr.core.io import write_json_atomic, write_text_atomic
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE = "state.json"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished checkpoint under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def remove_stale(root: str | Path) -> int:
+    """Delete `.tmp-*` folders left by a run killed while checkpointing; returns how many."""
+    root = Path(root)
+    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def save_checkpoint(root: str | Path, step: int, *, accelerator, trainable: dict[str, torch.Tensor],
+                    ema: dict[str, torch.Tensor] | None, optimizer, scheduler, state: dict,
+                    recipe_toml: str, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically (all processes call this); returns its folder."""
+    root = Path(root)
+    tmp, final = root / f".tmp-{step_name(step)}", root / step_name(step)
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if sharded:  # optimizer state lives in shards: accelerate writes them
+        accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_tensors(tmp / "trainable.safetensors", trainable)
+        if ema is not None:
+            _save_tensors(tmp / "ema.safetensors", ema)
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        write_text_atomic(tmp / "recipe.toml", recipe_toml)
+        write_json_atomic(tmp / STATE, {**state, "step": step, "world_size": accelerator.num_processes})
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable where the OS allows opening a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def read_state(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / STATE).read_text())
+
+
+def load_checkpoint(folder: str | Path, process_index: int = 0) -> dict[str, Any]:
+    """Read a checkpoint folder back (tensors on the CPU)."""
+    folder = Path(folder)
+    out = {
+        "state": read_state(folder),
+        "trainable": load_tensors(folder / "trainable.safetensors"),
+        "ema": load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").is_file() else None,
+        "optimizer": torch.load(folder / "optimizer.pt", weights_only=True) if (folder / "optimizer.pt").is_file()
+        else None,
+        "scheduler": torch.load(folder / "scheduler.pt", weights_only=True),
+        "accelerate": folder / "accelerate" if (folder / "accelerate").is_dir() else None,
+        "recipe_toml": (folder / "recipe.toml").read_text(),
+    }
+    rng = folder / f"rng_{process_index}.pt"
+    # Our own file of generator states (numpy's is a tuple with an array): not weights-only.
+    out["rng"] = torch.load(rng, weights_only=False) if rng.is_file() else None
+    return out

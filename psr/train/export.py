@@ -1,0 +1,151 @@
+"""Adapters on the transformer, and what a run leaves behind.
+
+Final export (`out/final/`, written into `out/.tmp-final` and renamed):
+- full fine-tune (adapter.kind = "none"): a complete diffusers FLUX folder
+  (`save_components`) that the `embedded` preset (`model.path = out/final`) and
+  `FluxPipeline.from_pretrained` load, plus `psr_model.json` (trained = true, step);
+- LoRA: `pytorch_lora_weights.safetensors` (`FluxPipeline.load_lora_weights` reads it);
+- MoE-LoRA: `moe_lora.safetensors` (`psr.core.lora.load_moe_lora`; routed experts have
+  no diffusers format and cannot be merged).
+The EMA weights are exported when EMA is on.
+
+`export_checkpoint` does the same from a checkpoint folder, and with `merge` folds a LoRA
+into the base weights and writes a complete model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from psr.core.io import write_json_atomic
+from psr.errors import UserError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+MOE_FILE = "moe_lora.safetensors"
+
+
+def apply_adapter(transformer, cfg) -> list[tuple[str, torch.nn.Parameter]]:
+    """Add the recipe's adapter (or unfreeze everything for a full fine-tune); return the
+    trainable (name, parameter) pairs, in a fixed order, upcast to float32."""
+    from psr.core.lora import add_lora, add_moe_lora
+    from psr.core.moe_lora import MOE_TARGETS
+
+    if cfg.kind == "none":
+        transformer.requires_grad_(True)
+    elif cfg.kind == "lora":
+        add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets or ("attn",), cfg.reference_only,
+                 blocks=cfg.blocks, dropout=cfg.dropout)
+    else:
+        add_moe_lora(transformer, cfg.experts, cfg.top_k, cfg.rank, cfg.alpha, blocks=cfg.blocks,
+                     targets=cfg.targets or MOE_TARGETS)
+    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+    for _, param in named:  # float32 master weights; autocast decides the compute dtype
+        param.data = param.data.float()
+    return named
+
+
+def load_trainable(named: list[tuple[str, torch.nn.Parameter]], tensors: dict[str, torch.Tensor],
+                   where: str) -> None:
+    """Copy saved tensors into the trainable parameters; every one must be there."""
+    missing = [n for n, _ in named if n not in tensors]
+    if missing:
+        raise UserError(f"checkpoint {where}: has no weight {missing[0]!r} ({len(missing)} missing); "
+                        "it was written with another adapter setting")
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(tensors[name])
+
+
+def _model_card(step: int, recipe_hash: str, ema: bool, kind: str) -> dict:
+    what = {"none": "full fine-tune", "lora": "LoRA", "moe_lora": "MoE-LoRA"}[kind]
+    return {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
+            "recipe_hash": recipe_hash, "ema": ema}
+
+
+def write_export(components, kind: str, folder: Path, card: dict, merge: bool = False) -> Path:
+    """Write `folder` atomically from components whose transformer holds the final weights."""
+    from psr.core.components import save_components
+    from psr.core.lora import merge_lora, save_lora, save_moe_lora
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        transformer = components.transformer
+        if kind != "none" and merge:
+            merge_lora(transformer)
+        if kind == "none" or merge:
+            save_components(components, tmp)
+            write_json_atomic(tmp / "psr_model.json", card)
+        elif kind == "lora":
+            save_lora(transformer, tmp / LORA_FILE)
+            write_json_atomic(tmp / "psr_lora.json", card)
+        else:
+            save_moe_lora(transformer, tmp / MOE_FILE)
+            write_json_atomic(tmp / "psr_lora.json", card)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash: str) -> Path:
+    """The end-of-run export from the live model (EMA weights swapped in when on)."""
+    import contextlib
+
+    card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind)
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        if recipe.adapter.kind == "none":
+            # Saved in the model's dtype, like the checkpoint it came from.
+            from psr.core.components import torch_dtype
+
+            saved_dtype, wanted = model.transformer.dtype, torch_dtype(recipe.model.dtype)
+            if wanted == saved_dtype:
+                return write_export(model.components, "none", folder, card)
+            model.transformer.to(wanted)
+            try:
+                return write_export(model.components, "none", folder, card)
+            finally:
+                model.transformer.to(saved_dtype)
+        return write_export(model.components, recipe.adapter.kind, folder, card)
+
+
+def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: bool = True) -> Path:
+    """Rebuild the model of a checkpoint folder and write an export to `out` (see module)."""
+    import dataclasses
+
+    from psr.core.presets import PRESETS
+    from psr.core.schema import load_recipe
+    from psr.train.checkpoint import STATE, load_tensors, read_state
+    from psr.train.config import resolve_pretrain
+
+    folder = Path(checkpoint)
+    if not (folder / STATE).is_file() or not (folder / "trainable.safetensors").is_file():
+        raise UserError(f"--export {checkpoint}: not a checkpoint folder (expected state.json and "
+                        "trainable.safetensors, e.g. OUT/checkpoints/step_001000)")
+    recipe = resolve_pretrain(load_recipe("pretrain", str(folder / "recipe.toml")))
+    kind = recipe.adapter.kind
+    if merge and kind == "none":
+        merge = False  # a full fine-tune is already a model folder
+    state = read_state(folder)
+    weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "trainable.safetensors"
+    config = dataclasses.replace(recipe.model, device="cpu")
+    components = PRESETS[config.preset].load(config)
+    named = apply_adapter(components.transformer, recipe.adapter)
+    load_trainable(named, load_tensors(folder / weights), str(folder))
+    from psr.core.components import torch_dtype
+
+    if components.transformer.dtype != torch_dtype(recipe.model.dtype):
+        components.transformer.to(torch_dtype(recipe.model.dtype))
+    card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind)
+    card["merged"] = bool(merge)
+    return write_export(components, kind, Path(out), card, merge=merge)

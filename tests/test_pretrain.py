@@ -1,0 +1,310 @@
+"""psr pretrain: the objective's pieces, batches, exact resume, exports, failure handling."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from psr.cli import main
+from psr.core.schema import load_recipe
+from psr.errors import RecipeError, UserError
+from psr.train import checkpoint as ckpt
+from psr.train import objective as obj
+from psr.train.data import epoch_batches, remap_correspondence, token_labels
+from psr.train.optim import lr_factor
+
+ROOT = Path(__file__).parent.parent
+TOY = str(ROOT / "recipes" / "pretrain-toy.toml")
+# Small and quick: a few steps of batch 2, no TensorBoard, no sample grids.
+FAST = ["model.device=cpu", "train.batch_size=2", "train.steps=4", "train.warmup=0", "logging.every=1",
+        "logging.tensorboard=false", "samples.every=0", "checkpoint.every=2", "data.num_workers=0",
+        "data.cache=false", "regularizers=[]"]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory, one_thread):
+    from psr.workflows.synth import run_synth
+
+    out = tmp_path_factory.mktemp("pretrain-data")
+    recipe = load_recipe("synth", str(ROOT / "recipes" / "synth-toy.toml"), ["shard_size=24", "workers=1"])
+    run_synth(recipe, str(out), 24, show_progress=False)
+    return str(out)
+
+
+def _recipe(data, out, *overrides):
+    return load_recipe("pretrain", TOY, [*FAST, f"data.path={data!r}", f"out={str(out)!r}", *overrides])
+
+
+def _train(data, out, *overrides, resume=False):
+    from psr.workflows.pretrain import run_pretrain
+
+    return run_pretrain(_recipe(data, out, *overrides), resume=resume, show_progress=False)
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------- pieces
+def test_token_labels_take_the_majority_subject():
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2, :2] = True           # token (0, 0) fully subject 0
+    masks[1, 2:, 2:] = True           # token (1, 1) fully subject 1
+    masks[1, 0, 2] = True             # token (0, 1): 1 of 4 pixels, not a majority
+    masks[0, 2:, 0] = True            # token (1, 0): 2 of 4 pixels, half counts
+    assert token_labels(masks, [1, 2], 2).tolist() == [1, 0, 1, 2]
+
+
+def test_correspondence_remap_keeps_identity_and_samples_centres():
+    pairs = [(0, 3), (5, 0)]
+    same = remap_correspondence(pairs, (2, 2), (2, 3), (2, 2), (2, 3))
+    assert same.tolist() == [3, -1, -1, -1, -1, 0]
+    # 2x2 source grids onto 4x4: each source token covers 2x2 new ones, target moves likewise.
+    up = remap_correspondence([(0, 3)], (2, 2), (2, 2), (4, 4), (4, 4)).reshape(4, 4)
+    assert (up[:2, :2] == 15).all() and (up[2:] == -1).all() and (up[:, 2:] == -1).all()
+    assert remap_correspondence([], None, None, (2, 2), (2, 2)).tolist() == [-1] * 4
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch():
+    keys = [((64, 64), ((8, 8),) * (1 + i % 3)) for i in range(20)] + [((128, 128), ((8, 8),))] * 5
+    a = epoch_batches(keys, 3, seed=1, epoch=0)
+    assert a == epoch_batches(keys, 3, seed=1, epoch=0)
+    assert a != epoch_batches(keys, 3, seed=1, epoch=1) and a != epoch_batches(keys, 3, seed=2, epoch=0)
+    assert len(a) == 20 // 3 + 5 // 3 == len(epoch_batches(keys, 3, seed=1, epoch=7))
+    flat = [i for b in a for i in b]
+    assert len(flat) == len(set(flat)) and all(len(b) == 3 for b in a)
+    assert all(len({keys[i][0] for i in b}) == 1 for b in a)          # one target size per batch
+    layouts = sum(len({keys[i][1] for i in b}) == 1 for b in a)
+    assert layouts >= 5                                                # same reference layout where possible
+
+
+def test_resolution_shift_matches_the_sampler_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from psr.core.sampler import flux_schedule
+
+    for settings in ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
+                     {"use_dynamic_shifting": False, "shift": 3.0}):
+        cfg = FlowMatchEulerDiscreteScheduler(**settings).config
+        schedule = flux_schedule(cfg, 8, 1024)
+        plain = torch.linspace(1.0, 1.0 / 8, 8)
+        shifted = obj.shift_sigmas(plain.double(), cfg, 1024)
+        assert torch.allclose(shifted.float(), schedule.sigmas[:-1], atol=1e-6)
+
+
+def test_dropout_events_are_exclusive_with_the_given_rates():
+    generator = torch.Generator().manual_seed(0)
+    text, refs = obj.dropout_choices(generator, 20000, 0.1, 0.2, 0.3)
+    text, refs = np.array(text), np.array(refs)
+    assert abs((text & ~refs).mean() - 0.1) < 0.01
+    assert abs((refs & ~text).mean() - 0.2) < 0.01
+    assert abs((text & refs).mean() - 0.3) < 0.01
+    assert obj.dropout_choices(torch.Generator().manual_seed(0), 5, 0, 0, 0) == ([False] * 5, [False] * 5)
+
+
+@pytest.mark.parametrize("step, schedule, expected", [
+    (0, "constant", 0.25), (3, "constant", 1.0), (9, "constant", 1.0),
+    (4, "cosine", 1.0), (7, "cosine", 0.5), (10, "cosine", 0.0),
+])
+def test_learning_rate_schedule(step, schedule, expected):
+    cfg = load_recipe("pretrain", overrides=["train.warmup=4", "train.steps=10", f"train.schedule={schedule}"]).train
+    assert lr_factor(step, cfg) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter.reference_only=true"], "only LoRA can be reference-only"),
+    (["adapter.kind=moe_lora", "adapter.experts=2", "adapter.top_k=3"], "adapter.top_k: must lie in [1, experts=2]"),
+    (["adapter.kind=moe_lora", "adapter.targets=['to_q']"], "MoE-LoRA wraps feed-forwards"),
+    (["model.preset=flux-dev", "model.path=/m", "train.mixed_precision=bf16"], "allow_large_full_finetune"),
+    (["model.preset=flux-kontext", "model.path=/m", "adapter.kind=lora"], "set train.mixed_precision = \"bf16\""),
+    (["model.device=cpu", "train.mixed_precision=fp16"], "fp16 autocast needs CUDA"),
+    (["regularizers=[{name='idar'}, {name='idar'}]"], "'idar' is listed twice"),
+    (["regularizers=[{name='idr'}]"], "did you mean 'idar'"),
+    (["train.drop_text=0.5", "train.drop_refs=0.4", "train.drop_both=0.2"], "must be <= 1"),
+    (["train.steps=0"], "train.steps: must be >= 1"),
+    (["data.max_references=9"], "must be <= model.max_references"),
+])
+def test_recipe_rejects_bad_values_with_a_hint(overrides, message):
+    with pytest.raises(RecipeError, match=None) as err:
+        load_recipe("pretrain", overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_unfinished_checkpoint_folders_are_ignored_and_cleaned(tmp_path):
+    good = tmp_path / "step_000002"
+    good.mkdir()
+    (good / "state.json").write_text("{}")
+    (tmp_path / "step_000004").mkdir()                       # no state.json: never completed
+    stale = tmp_path / ".tmp-step_000006"                    # killed while writing
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert ckpt.remove_stale(tmp_path) == 1 and not stale.exists()
+
+
+# ---------------------------------------------------------------------------- training runs
+def test_full_finetune_changes_every_weight_and_exports_a_model_folder(toy_data, tmp_path, one_thread):
+    from psr.core.components import load_components
+    from psr.core.tiny import build_tiny_components
+
+    out = tmp_path / "run"
+    summary = _train(toy_data, out, "train.ema_decay=0.5", "samples.every=4", "samples.count=2",
+                     "samples.steps=2", "train.drop_refs=0.5")
+    log = _log(out)
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert all(math.isfinite(e[k]) for e in log for k in ("diffusion", "loss", "grad_norm", "lr"))
+    assert summary["terms"]["diffusion"] == log[-1]["diffusion"]
+    base = build_tiny_components(seed=0).transformer.state_dict()
+    trained = _tensors(out / "checkpoints" / "step_000004" / "trainable.safetensors")
+    assert trained.keys() == base.keys()
+    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
+    assert not unchanged, f"weights that did not move: {unchanged[:3]}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert (out / "samples" / "step_000004.png").is_file()
+    # The final folder is a complete FLUX folder holding the EMA weights.
+    final = load_components(str(out / "final"), dtype="float32")
+    ema = _tensors(out / "checkpoints" / "step_000004" / "ema.safetensors")
+    state = final.transformer.state_dict()
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    card = json.loads((out / "final" / "psr_model.json").read_text())
+    assert card["trained"] and card["step"] == 4 and card["ema"]
+
+
+def test_resume_continues_bit_identically(toy_data, tmp_path, monkeypatch, one_thread):
+    from psr.workflows import pretrain
+
+    settings = ["train.ema_decay=0.9", "train.schedule=cosine", "train.warmup=1", "train.grad_accum=2",
+                "train.drop_refs=0.3", "train.drop_text=0.2", "regularizers=[{name='idar', weight=0.5}]",
+                # LoRA dropout draws from the global generator: its state must come back too.
+                "adapter.kind=lora", "adapter.rank=4", "adapter.dropout=0.2", "train.lr=1e-2"]
+    _train(toy_data, tmp_path / "straight", *settings)
+
+    real = pretrain.save_checkpoint
+
+    def killed_after_first_checkpoint(run, step):
+        real(run, step)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "save_checkpoint", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _train(toy_data, tmp_path / "resumed", *settings)
+    monkeypatch.setattr(pretrain, "save_checkpoint", real)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    (checkpoints / ".tmp-step_000004").mkdir()              # a kill while writing the next one
+    _train(toy_data, tmp_path / "resumed", *settings, resume=True)
+    assert not (checkpoints / ".tmp-step_000004").exists()
+
+    a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_000004")
+    b = ckpt.load_checkpoint(checkpoints / "step_000004")
+    for key in ("trainable", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(a["optimizer"]["state"].values(),
+                                                             b["optimizer"]["state"].values())]
+    assert all(torch.equal(x, y) for x, y in moments)
+
+    def terms(out):
+        return [{k: v for k, v in e.items() if k != "samples_per_s"} for e in _log(out)]
+    assert terms(tmp_path / "straight") == terms(tmp_path / "resumed")
+
+
+def test_lora_file_loads_in_diffusers_and_merge_matches_it(toy_data, tmp_path, one_thread):
+    from diffusers import FluxPipeline
+
+    from psr.core.components import load_components
+    from psr.core.tiny import build_tiny_components
+
+    out = tmp_path / "run"
+    _train(toy_data, out, "adapter.kind=lora", "adapter.rank=4", "train.steps=2", "train.lr=5e-2")
+    lora = out / "final" / "pytorch_lora_weights.safetensors"
+    pipe = FluxPipeline(**build_tiny_components(seed=0).as_dict())
+    pipe.load_lora_weights(str(lora))
+    saved = _tensors(lora)
+    assert saved and all(k.startswith("transformer.") for k in saved)
+    assert main(["pretrain", "--export", str(out / "checkpoints" / "step_000002"), "--merge",
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = load_components(str(tmp_path / "merged"), dtype="float32").transformer
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 64, 16), encoder_hidden_states=torch.randn(1, 8, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                  guidance=torch.tensor([1.0]), img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3),
+                  return_dict=False)
+    with torch.no_grad():
+        expected = pipe.transformer(**inputs)[0]
+        got = merged(**inputs)[0]
+        plain = build_tiny_components(seed=0).transformer(**inputs)[0]
+    # The trained LoRA moves the output ~100x more than merging differs from loading it.
+    assert (got - expected).abs().max() < 1e-6 and (got - plain).abs().max() > 2e-5
+
+
+def test_regularizers_are_logged_and_finite(toy_data, tmp_path, one_thread):
+    regs = ("regularizers=[{name='idar', weight=0.5}, {name='mosaic_align', weight=0.1}, "
+            "{name='mosaic_sep', weight=1.0, warmup_start=0, warmup_end=1}]")
+    out = tmp_path / "run"
+    _train(toy_data, out, regs, "train.steps=2", "train.gradient_checkpointing=true", "adapter.kind=lora",
+           "adapter.rank=4", "adapter.reference_only=true")
+    first, second = _log(out)
+    assert {"idar", "mosaic_align"} <= first.keys() and "mosaic_sep" not in first   # weight 0 at step 1
+    assert {"idar", "mosaic_align", "mosaic_sep"} <= second.keys()
+    assert all(math.isfinite(e[k]) for e in (first, second) for k in e)
+    assert first["idar"] > 0 and first["mosaic_align"] > 0 and -math.log(2) <= second["mosaic_sep"] <= 1e-6
+    assert first["loss"] == pytest.approx(first["diffusion"] + 0.5 * first["idar"] + 0.1 * first["mosaic_align"],
+                                          rel=1e-5)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(toy_data, tmp_path, monkeypatch, capsys,
+                                                                    one_thread):
+    calls = {"n": 0}
+    real = obj.flow_matching_loss
+
+    def poisoned(pred, target):
+        calls["n"] += 1
+        loss = real(pred, target)
+        return loss * float("nan") if calls["n"] >= 3 else loss  # one group per step: step 3
+    monkeypatch.setattr(obj, "flow_matching_loss", poisoned)
+    out = tmp_path / "run"
+    argv = ["pretrain", "--recipe", TOY, "--out", str(out), "-q", "--set", f"data.path={toy_data!r}",
+            *[a for o in FAST for a in ("--set", o)], "--set", "train.drop_refs=0", "--set", "train.drop_both=0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "step 3: loss term 'diffusion' is nan" in err and "step_000002" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    monkeypatch.setattr(obj, "flow_matching_loss", real)
+    assert main([*argv, "--resume"]) == 0                      # the kept checkpoint resumes
+    assert ckpt.read_state(out / "checkpoints" / "step_000004")["step"] == 4
+
+
+def test_bad_input_is_one_line_and_exit_2(toy_data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["pretrain", "--recipe", TOY, "-q", *[a for o in FAST for a in ("--set", o)]]
+    cases = {
+        "missing dataset": (["--set", f"data.path='{tmp_path / 'nope'}'", "--out", str(tmp_path / "a")],
+                            "no such folder"),
+        "empty dataset": (["--set", f"data.path='{empty}'", "--out", str(tmp_path / "b")], "no usable rows"),
+        "export without --out": (["--export", str(tmp_path)], "--export: give the model folder"),
+        "export of a non-checkpoint": (["--export", str(tmp_path), "--out", str(tmp_path / "c")],
+                                       "not a checkpoint folder"),
+    }
+    for name, (args, message) in cases.items():
+        assert main([*base, *args]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (name, err)
+
+
+def test_existing_run_needs_resume_and_the_same_recipe(toy_data, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    _train(toy_data, out, "train.steps=2")
+    with pytest.raises(UserError, match="pass --resume"):
+        _train(toy_data, out, "train.steps=2")
+    with pytest.raises(UserError, match=r"train\.lr \(0\.0003 in the checkpoint, 0\.001 now\)"):
+        _train(toy_data, out, "train.steps=4", "train.lr=1e-3", resume=True)
