@@ -289,27 +289,30 @@ OPERATIONAL = ("out", "train.steps", "logging", "checkpoint", "samples", "data.n
                "model.device", "model.cpu_offload", "model.attention_backend")
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+def _flat(data: dict, prefix: str = "", operational: tuple[str, ...] = OPERATIONAL) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if any(path == k or path.startswith(k + ".") for k in OPERATIONAL):
+        if any(path == k or path.startswith(k + ".") for k in operational):
             continue
         if isinstance(value, dict):
-            out.update(_flat(value, path + "."))
+            out.update(_flat(value, path + ".", operational))
         else:
             out[path] = value
     return out
 
 
-def training_hash(recipe: PretrainRecipe) -> str:
-    """Hash of everything that decides the weights a run computes."""
-    return hashlib.sha256(repr(sorted(_flat(dataclasses.asdict(recipe)).items())).encode()).hexdigest()[:16]
+def training_hash(recipe: PretrainRecipe, operational: tuple[str, ...] = OPERATIONAL) -> str:
+    """Hash of everything that decides the weights a run computes (any recipe dataclass;
+    `operational` names the keys left out, as dotted prefixes)."""
+    flat = _flat(dataclasses.asdict(recipe), operational=operational)
+    return hashlib.sha256(repr(sorted(flat.items())).encode()).hexdigest()[:16]
 
 
-def recipe_difference(old: PretrainRecipe, new: PretrainRecipe) -> str:
-    """The first key (outside OPERATIONAL) whose value differs, with both values."""
-    a, b = _flat(dataclasses.asdict(old)), _flat(dataclasses.asdict(new))
+def recipe_difference(old: PretrainRecipe, new: PretrainRecipe, operational: tuple[str, ...] = OPERATIONAL) -> str:
+    """The first key (outside `operational`) whose value differs, with both values."""
+    a = _flat(dataclasses.asdict(old), operational=operational)
+    b = _flat(dataclasses.asdict(new), operational=operational)
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             return f"{key} ({a.get(key)!r} in the checkpoint, {b.get(key)!r} now)"

@@ -1,0 +1,67 @@
+"""Held-out evaluation during RL: ODE samples of a bench slice, scored by the reward mix.
+
+Item k of the slice (the first `eval.limit` items of each chosen subset) is generated with
+noise seed `eval.seed + k`, `eval.steps` Euler steps and the EMA weights when EMA is on,
+so every evaluation of a run sees the same prompts, references and noise. The result is
+the mean of every reward term over the items (NaN entries, where a term is undefined for
+an item, are left out of its mean), logged as `eval/<term>`, plus a strip of the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from PIL import Image
+
+
+def generate(model, items, cfg, autocast=contextlib.nullcontext) -> tuple[list[Image.Image], list[list[Image.Image]]]:
+    """(generated image, its references) per item, with the transformer in eval mode."""
+    from psr.train.samples import generate_one
+
+    transformer = model.transformer
+    was_training = transformer.training
+    transformer.eval()
+    images, references = [], []
+    try:
+        with autocast():
+            for k, item in enumerate(items):
+                refs = item.references()
+                images.append(generate_one(model, item.prompt, refs, size=cfg.size, steps=cfg.steps,
+                                           guidance=cfg.guidance, seed=cfg.seed + k))
+                references.append(refs)
+    finally:
+        transformer.train(was_training)
+    return images, references
+
+
+def strip(images: list[Image.Image], columns: int = 8) -> Image.Image:
+    """The images in rows of `columns`, on white."""
+    size = images[0].width
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (min(columns, len(images)) * size, rows * size), (255, 255, 255))
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * size, (k // columns) * size))
+    return sheet
+
+
+def evaluate(model, items, reward, cfg, autocast=contextlib.nullcontext, folder: Path | None = None,
+             step: int = 0) -> dict[str, float]:
+    """Mean reward terms of the slice as {"eval/reward": …, "eval/<term>": …}; with `folder`,
+    also writes folder/step_XXXXXX.png."""
+    import torch
+
+    from psr.core.io import write_atomic
+    from psr.rewards import RewardBatch
+
+    images, references = generate(model, items, cfg, autocast)
+    result = reward(RewardBatch(images, [i.prompt for i in items], references, [list(i.categories) for i in items]))
+    out = {"eval/reward": result.total.double().mean().item()}
+    for name, values in sorted(result.terms.items()):
+        defined = values[~torch.isnan(values)].double()
+        out[f"eval/{name}"] = defined.mean().item() if defined.numel() else float("nan")
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        sheet = strip(images)
+        write_atomic(folder / f"step_{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    return out

@@ -1,0 +1,226 @@
+"""The policy: the multi-reference model's velocity with or without its adapter, and the
+starting point of a run (`init`).
+
+`Policy.velocity` runs the transformer on `[text | latents | ref_1 … ref_N]` (the sequence
+of `MultiRefFlux.velocity`) and returns the target tokens' velocity. With `grad=True` the
+forward goes through the prepared (maybe DDP-wrapped) module so gradients are synchronised;
+otherwise through the bare transformer under `no_grad`. `reference=True` is the reference
+policy: the same network with every adapter disabled (`adapters_disabled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from psr.core.model import MultiRefFlux, PromptEmbeds, References
+from psr.core.positions import grid_ids
+from psr.errors import UserError
+
+
+@dataclass
+class Conditioning:
+    """One prompt with its references, ready for a batch of `batch` images."""
+
+    text: PromptEmbeds
+    """Embeds [batch, T, D] and pooled [batch, P]."""
+    refs: References
+    grid: tuple[int, int]
+    """Target token grid (rows, cols)."""
+    guidance: torch.Tensor | None
+    """[batch] guidance-embedding values (models with guidance_embeds), else None."""
+    token_mask: torch.Tensor
+    """[L + R] bool: reference tokens of `[target | refs]` (reference-only LoRA)."""
+
+    @property
+    def batch(self) -> int:
+        return self.text.embeds.shape[0]
+
+    def reference_tokens(self) -> list[torch.Tensor]:
+        """Per reference, its packed latent tokens [h_i·w_i, C]."""
+        sizes = [h * w for h, w in self.refs.grids]
+        return list(self.refs.tokens[0].split(sizes)) if sizes else []
+
+
+def condition(model: MultiRefFlux, prompt: str, references, size: int, batch: int, guidance: float) -> Conditioning:
+    """Encode `prompt` and the reference images (PIL) once, for `batch` images of size² px."""
+    from psr.core.attention import TokenLayout
+
+    model.check_size(size, size)
+    grid = (size // model.token_stride, size // model.token_stride)
+    text = model.encode_prompt([prompt])
+    text = PromptEmbeds(text.embeds.expand(batch, -1, -1), text.pooled.expand(batch, -1), text.ids)
+    refs = model.encode_references(references, grid)
+    g = None
+    if model.transformer.config.guidance_embeds:
+        g = torch.full((batch,), float(guidance), device=model.device, dtype=torch.float32)
+    mask = TokenLayout.for_velocity(text.embeds.shape[1], grid, refs.grids).reference_mask().to(model.device)
+    return Conditioning(text, refs, grid, g, mask)
+
+
+def _moe_modules(transformer) -> list:
+    from psr.core.moe_lora import MoELoRA
+
+    return [m for m in transformer.modules() if isinstance(m, MoELoRA)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer):
+    """The base network for the `with` block: peft LoRA layers are switched off through
+    diffusers' `disable_adapters` (peft's per-layer switch) and MoE-LoRA modules return
+    their frozen base's output; everything is switched back on afterwards."""
+    lora = bool(getattr(transformer, "_hf_peft_config_loaded", False))
+    trainable = {id(p): p.requires_grad for p in transformer.parameters()}
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: mod.base(*args, **kwargs), with_kwargs=True)
+             for m in _moe_modules(transformer)]
+    if lora:
+        transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if lora:
+            transformer.enable_adapters()
+        for param in transformer.parameters():  # peft's switch also toggles requires_grad
+            param.requires_grad_(trainable[id(param)])
+
+
+class Policy:
+    """The model's velocity as the current policy (with grad or without) or as the reference."""
+
+    def __init__(self, model: MultiRefFlux, module: Any, autocast=contextlib.nullcontext):
+        self.model = model
+        self.module = module  # what gradient forwards go through (accelerate-prepared)
+        self.autocast = autocast
+        from psr.workflows.pretrain import input_dtype
+
+        # The transformer's input dtype: its frozen weights' (adapters), else its own.
+        frozen = any(not p.requires_grad for p in model.transformer.parameters())
+        self.dtype = input_dtype(model.transformer, "lora" if frozen else "none")
+
+    def token_mask(self, cond: Conditioning):
+        """Reference-only LoRA's token mask for a `with` block. A backward that recomputes
+        checkpointed blocks must run inside it, like the forward."""
+        from psr.core.lora import lora_token_mask
+
+        return lora_token_mask(self.model.transformer, cond.token_mask)
+
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, *, grad: bool = False,
+                 reference: bool = False) -> torch.Tensor:
+        """latents [B, L, C] (B = cond.batch), timestep [B] → velocity [B, L, C]."""
+        transformer = self.model.transformer
+        module = self.module if grad and not reference else transformer
+        batch, length = latents.shape[:2]
+        hidden, ids = latents.to(self.dtype), grid_ids(*cond.grid).to(latents.device)
+        if cond.refs.count:
+            hidden = torch.cat([hidden, cond.refs.tokens.expand(batch, -1, -1).to(hidden.dtype)], dim=1)
+            ids = torch.cat([ids, cond.refs.ids])
+        with contextlib.ExitStack() as stack:
+            if not grad or reference:
+                stack.enter_context(torch.no_grad())
+            if reference:
+                stack.enter_context(adapters_disabled(transformer))
+            stack.enter_context(self.token_mask(cond))
+            stack.enter_context(self.autocast())
+            out = module(hidden_states=hidden, timestep=timestep.to(hidden.dtype), guidance=cond.guidance,
+                         pooled_projections=cond.text.pooled.to(hidden.dtype),
+                         encoder_hidden_states=cond.text.embeds.to(hidden.dtype), txt_ids=cond.text.ids,
+                         img_ids=ids, return_dict=False)[0]
+        return out[:, :length]
+
+
+# ---------------------------------------------------------------------------- init
+def _merge_lora_file(transformer, path: Path, where: str) -> str:
+    from psr.core.lora import load_lora, merge_lora
+
+    try:
+        load_lora(transformer, path)
+        merge_lora(transformer)
+    except UserError as err:
+        raise UserError(f"init {where}: {err}") from None
+    return f"LoRA {path.name} merged"
+
+
+def _full_weights(transformer, tensors: dict[str, torch.Tensor], where: str) -> str:
+    own = transformer.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise UserError(f"init {where}: has no weight {missing[0]!r} ({len(missing)} missing); it was made for "
+                        "another architecture")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(tensors[name])
+    return "full weights loaded"
+
+
+def _from_checkpoint(transformer, folder: Path, use_ema: bool = True) -> str:
+    from psr.core.recipe import read_toml
+    from psr.core.schema import load_recipe
+    from psr.train.checkpoint import load_tensors
+    from psr.train.export import apply_adapter, load_trainable
+
+    kind = read_toml(folder / "recipe.toml").get("command")
+    if kind not in ("pretrain", "rl"):
+        raise UserError(f"init {folder}: a checkpoint of `psr {kind}`; give a pretrain or rl checkpoint")
+    adapter = load_recipe(kind, str(folder / "recipe.toml")).adapter
+    weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file()
+                        else "trainable.safetensors")
+    tensors = load_tensors(weights)
+    if adapter.kind == "none":
+        return _full_weights(transformer, tensors, str(folder)) + f" ({weights.name})"
+    if adapter.kind == "moe_lora":
+        raise UserError(f"init {folder}: MoE-LoRA experts cannot be merged into the base weights, so they cannot "
+                        "be the reference policy of a new adapter; start from a LoRA or full fine-tune")
+    from psr.core.lora import merge_lora
+
+    dtype = transformer.dtype
+    named = apply_adapter(transformer, adapter)
+    load_trainable(named, tensors, str(folder))
+    try:
+        merge_lora(transformer)
+    except UserError as err:
+        raise UserError(f"init {folder}: {err}") from None
+    transformer.to(dtype)
+    return f"LoRA of {folder.name} merged ({weights.name})"
+
+
+def apply_init(transformer, init: str) -> str:
+    """Load the starting weights named by the recipe's `init` into `transformer` (before
+    any adapter is added); returns what was done, for the log.
+
+    A LoRA (file, final/ folder or checkpoint) is merged into the base weights; full weights
+    (a full fine-tune's checkpoint or final/ folder) replace them. MoE-LoRA cannot be merged
+    and is refused.
+    """
+    from psr.train.checkpoint import STATE
+    from psr.train.export import LORA_FILE, MOE_FILE
+
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise UserError(f"init {init}: no such file or folder")
+    if path.is_file() or (path / STATE).is_file() or (path / LORA_FILE).is_file():
+        if path.is_file() or (path / LORA_FILE).is_file():
+            note = _merge_lora_file(transformer, path if path.is_file() else path / LORA_FILE, init)
+        else:
+            note = _from_checkpoint(transformer, path)
+        if not getattr(transformer, "peft_config", True):
+            del transformer.peft_config  # merged away: the run's own adapter is the only one
+        return note
+    if (path / MOE_FILE).is_file():
+        raise UserError(f"init {init}: MoE-LoRA experts cannot be merged into the base weights; start from a LoRA "
+                        "or a full fine-tune")
+    files = sorted((path / "transformer").glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        tensors = {}
+        for file in files:
+            tensors.update(load_file(str(file)))
+        return _full_weights(transformer, tensors, init)
+    raise UserError(f"init {init}: not a checkpoint (state.json), a final/ folder (LoRA file or transformer/) "
+                    "or a LoRA file")
