@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(PY) bench/bench_core.py
 	OMP_NUM_THREADS=1 $(PY) bench/bench_toyworld.py
 	$(PY) bench/bench_synth.py
+	OMP_NUM_THREADS=1 $(PY) bench/bench_regularizers.py
+	$(PY) bench/bench_toy_perception.py
+	$(PY) bench/bench_rl.py
 
 clean:
 	rm -rf $(VENV) psr-out .pytest_cache

@@ -138,3 +138,36 @@ def test_edit_changes_the_scene_or_an_attribute_and_rewrites_the_caption():
 def test_edit_bad_options(options, message):
     with pytest.raises(UserError, match=message):
         S.build_stage("edit", "cpu", options)
+
+
+TOY_PIPELINE = {
+    "prompt": {"name": "toyworld"},
+    "target": {"name": "toyworld"},
+    "detector": {"name": "toyworld"},
+    "personalize": {"name": "toyworld"},
+    "filter": {"name": "feature-cosine", "extractor": {"name": "toyworld"}, "threshold": 0.3,
+               "distinct_threshold": 0.95},
+    "matcher": {"name": "toyworld"},
+    "edit": {"name": "toyworld", "rate": 0.5},
+}
+
+
+def test_the_whole_pipeline_runs_offline_with_the_trained_toyworld_models():
+    pipeline = SynthPipeline(TOY_PIPELINE, device="cpu", token_stride=8)
+    kept = []
+    for i in range(8):
+        result = pipeline.run(i, ["star", "heart"], 1000 + i)
+        if hasattr(result, "subjects"):
+            kept.append(result)
+        else:
+            assert result.reason  # a rejection always says why
+    counts = pipeline.counts
+    assert counts["candidates"] == 8 and counts["kept"] + counts["rejected"] == 8
+    assert len(kept) >= 3, counts
+    for sample in kept:
+        spec = tw.SceneSpec.from_dict(json.loads(sample.target.info[WORLD_KEY])["spec"])
+        for subject, truth in zip(sample.subjects, spec.subjects):
+            ref_spec = tw.SceneSpec.from_dict(json.loads(subject.reference.info[WORLD_KEY])["spec"])
+            assert ref_spec.subjects[0].identity == truth.identity
+            assert subject.name in sample.prompt
+    assert not any(SUBJECT_KEY in s.target.info for s in kept)
