@@ -1,0 +1,14 @@
+"""`psr eval`: PSRBench-format benchmarks, generated and scored (see docs/eval.md).
+
+    bench.py       reading bench folders, writing items back with result_path
+    config.py      the eval recipe (EvalRecipe)
+    generation.py  making the missing output images
+    perception.py  scoring components behind the disk cache (cache.py)
+    scoring.py     every metric of one sample
+    report.py      aggregation, results.json, the Markdown summary, --compare
+    sheets.py      contact sheets
+"""
+
+# psr.core.schema lists EvalRecipe in RECIPE_KINDS and psr.eval.config builds on the schema's
+# ModelConfig; importing the schema first keeps that pair acyclic whichever is imported first.
+import psr.core.schema  # noqa: F401

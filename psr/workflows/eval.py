@@ -1,0 +1,210 @@
+"""`psr eval`: generate a PSRBench-format bench with a model, then score the outputs.
+
+Phases: check everything (bench files, subsets, recipe, --compare file) before any weights
+load → make the missing output images → write OUT/<Subset>.json (the bench items with
+`result_path`) → score every sample through the disk cache → write results.json,
+samples.json, results.md and the contact sheets. Each phase resumes: images on disk are
+kept, cached perception is reused, so a killed run picks up where it stopped and a
+finished one reruns without generating or computing anything.
+
+Modes: default (generate, then score), `score_only` (score the bench's own `result_path`
+images), `oracle` (score the ground-truth targets `gt_target_path`: the top of each scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
+from psr.core.recipe import to_toml
+from psr.errors import UserError
+from psr.eval.bench import Bench, Item, load_bench, with_result_paths
+from psr.eval.config import EvalRecipe, resolve_eval
+
+
+def _weights_fingerprint(path: str | None) -> list:
+    """Name, size and mtime of every file of a local weights folder (so replaced weights
+    under the same path count as another model); [] for a hub id or no path."""
+    folder = Path(path).expanduser() if path else None
+    if folder is None or not folder.is_dir():
+        return []
+    return [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def _generator_hash(recipe: EvalRecipe) -> str:
+    """What decides the output pixels (not where or how fast they are made)."""
+    model = dataclasses.replace(recipe.model, device="auto", cpu_offload=False, attention_backend=None)
+    text = json.dumps({"model": dataclasses.asdict(model), "sample": dataclasses.asdict(recipe.sample),
+                       "seeds_per_item": recipe.seeds_per_item,
+                       "weights": _weights_fingerprint(recipe.model.path)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_same_generator(out: Path, recipe: EvalRecipe) -> None:
+    stamp = out / "eval.json"
+    digest = _generator_hash(recipe)
+    if stamp.is_file():
+        previous = json.loads(stamp.read_text()).get("generator")
+        if previous != digest:
+            raise UserError(f"output {out}: holds images made with another model or sampling setup "
+                            f"(hash {previous}, this one {digest}); choose another --out")
+    write_json_atomic(stamp, {"generator": digest})
+
+
+def _samples(mode: str, bench: Bench, items: Sequence[Item], out: Path, recipe: EvalRecipe,
+             gen_failures: dict) -> tuple[list[tuple], dict[str, dict[int, str]]]:
+    """[(item, seed index, image path or None, path as shown, why missing)] and, per subset,
+    the `result_path` to write for each item (only in generate mode)."""
+    from psr.eval.generation import output_path
+
+    samples, result_paths = [], {}
+    for item in items:
+        if mode == "generate":
+            n = recipe.seeds_per_item
+            for k in range(n):
+                path = output_path(out, item, k, n)
+                shown = path.relative_to(out).as_posix()
+                reason = gen_failures.get((item.subset, item.index, k), "no output image was made")
+                samples.append((item, k, path if path.is_file() else None, shown, reason))
+            result_paths.setdefault(item.subset, {})[item.index] = output_path(out, item, 0, n).relative_to(out).as_posix()
+            continue
+        key = "gt_target_path" if mode == "oracle" else "result_path"
+        shown = item.data.get(key)
+        paths = [shown] if shown else []
+        if mode == "score-only" and isinstance(item.data.get("result_paths"), list):
+            paths = [p for p in item.data["result_paths"] if isinstance(p, str)] or paths
+        if not paths:
+            samples.append((item, 0, None, None, f"item has no {key}"))
+        for k, p in enumerate(paths):
+            resolved = bench.resolve(p)
+            samples.append((item, k, resolved if resolved.is_file() else None, p, f"{key} {p}: no such file"))
+    return samples, result_paths
+
+
+def _check_inputs(mode: str, recipe: EvalRecipe, items: Sequence[Item]) -> None:
+    from psr.core.presets import PRESETS
+
+    if not items:
+        raise UserError("bench: the chosen subsets hold no items")
+    if mode == "oracle" and not any("gt_target_path" in it.data for it in items):
+        raise UserError("--oracle: the bench has no gt_target_path (only ToyWorld benches from psr synth do)")
+    if mode == "score-only" and not any("result_path" in it.data for it in items):
+        raise UserError("--score-only: the bench items have no result_path; run without --score-only to "
+                        "generate them")
+    if mode == "generate":
+        limit = recipe.model.max_references
+        for it in items:
+            if len(it.references) > limit:
+                raise UserError(f"bench {it.where}: {len(it.references)} references, but this recipe allows at "
+                                f"most {limit} (model.max_references)")
+        stride = PRESETS[recipe.model.preset].token_stride
+        for name, value in (("height", recipe.sample.height), ("width", recipe.sample.width)):
+            if value % stride:
+                raise UserError(f"sample.{name} {value}: must be a multiple of {stride} (pixels per token of "
+                                f"preset {recipe.model.preset!r})")
+
+
+def parse_subsets(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UserError(f"--subsets {text!r}: give subset names separated by commas, e.g. Position,Three")
+    return names
+
+
+def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bool = False, oracle: bool = False,
+             limit: int | None = None, subsets: Sequence[str] = (), compare: str | None = None,
+             show_progress: bool = True) -> dict:
+    """Evaluate and write OUT; returns the results dict written to OUT/results.json."""
+    from psr.eval import report
+
+    recipe = resolve_eval(recipe)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be >= 1")
+    bench = load_bench(bench_dir, list(subsets) or list(recipe.subsets))
+    other = report.read_results(compare) if compare else None
+    mode = "oracle" if oracle else "score-only" if score_only else "generate"
+    chosen = {name: items[:limit] for name, items in bench.subsets.items()}
+    items = [it for its in chosen.values() for it in its]
+    _check_inputs(mode, recipe, items)
+    if Path(out_dir).expanduser().resolve() == bench.root.resolve():
+        raise UserError(f"--out {out_dir}: is the bench folder; choose another (the bench stays unchanged)")
+    out = prepare_output_dir(out_dir)
+    write_text_atomic(out / "recipe.toml", to_toml(recipe, header=f"resolved recipe of psr eval ({mode})"))
+
+    generated, gen_failures = 0, {}
+    if mode == "generate":
+        from psr.eval.generation import generate_missing
+
+        _check_same_generator(out, recipe)
+        generated, gen_failures = generate_missing(recipe, out, items, show_progress)
+    samples, result_paths = _samples(mode, bench, items, out, recipe, gen_failures)
+    for name in chosen:
+        data = with_result_paths(bench, name, result_paths.get(name, {}))
+        if mode == "generate" and recipe.seeds_per_item > 1:
+            from psr.eval.generation import output_path
+
+            for item in chosen[name]:
+                data[item.index]["result_paths"] = [
+                    output_path(out, item, k, recipe.seeds_per_item).relative_to(out).as_posix()
+                    for k in range(recipe.seeds_per_item)]
+        write_json_atomic(out / f"{name}.json", data)
+
+    records, stats = _score(recipe, out, samples, show_progress)
+    results = _write_results(recipe, bench, out, mode, chosen, samples, records, generated, stats, other)
+    text = report.markdown(results)
+    write_text_atomic(out / "results.md", text)
+    print(text, end="")
+    print(f"psr eval: {len(records)} samples scored, {results['overall']['failed']} failed, "
+          f"{generated} images generated; results in {out}", file=sys.stderr)
+    return results
+
+
+def _score(recipe: EvalRecipe, out: Path, samples: list[tuple], show_progress: bool) -> tuple[list[dict], dict]:
+    """Score every sample; returns (records, {"cache": hits/misses, "components_built"})."""
+    from tqdm import tqdm
+
+    from psr.eval.cache import DiskCache
+    from psr.eval.perception import Perception
+    from psr.eval.scoring import load_references, score_sample
+
+    cache = DiskCache(out / "cache")
+    perc = Perception(recipe, cache, recipe.device)
+    records, refs_of = [], {}
+    with tqdm(total=len(samples), desc="score", unit="sample", disable=not show_progress, file=sys.stderr) as bar:
+        for item, k, path, shown, reason in samples:
+            key = (item.subset, item.index)
+            if key not in refs_of:
+                refs_of = {key: load_references(item)}  # one item's references in memory at a time
+            refs, ref_error = refs_of[key]
+            records.append(score_sample(perc, recipe, item, k, path, shown, refs, ref_error, reason))
+            cache.flush()
+            bar.update(1)
+    return records, {"cache": {"hits": cache.hits, "misses": cache.misses}, "components_built": list(perc.built)}
+
+
+def _write_results(recipe, bench, out, mode, chosen, samples, records, generated, stats, other) -> dict:
+    from psr.eval import report
+    from psr.eval.scoring import PENALTY, metric_names
+    from psr.eval.sheets import write_sheets
+
+    metrics = metric_names(recipe)
+    results = {"mode": mode, "bench": str(bench.root), "out": str(out), "metrics": metrics, "penalty": PENALTY}
+    results.update(report.aggregate(records, list(chosen), metrics))
+    results["generated"] = generated
+    results.update(stats)
+    results["config"] = dataclasses.asdict(recipe)
+    if other is not None:
+        results["compare"] = report.compare(results, other)
+    write_json_atomic(out / "samples.json", {"samples": records})
+    write_json_atomic(out / "results.json", results)
+    images = {(item.subset, item.index, k): path for item, k, path, _, _ in samples}
+    write_sheets(out, chosen, records, images, recipe.sheet_cell)
+    return results
