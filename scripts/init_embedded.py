@@ -1,30 +1,38 @@
-"""Write the random-init embedded model (the `tiny` architecture, seed 0) to psr/assets/embedded.
+"""Write the embedded base model: the ToyWorld-trained VAE + a random-init transformer + the
+frozen random-init text encoders (psr.core.embedded), float16 safetensors, in diffusers'
+FLUX layout with a `psr_model.json` card.
 
-The trained embedded model replaces these weights; until then `psr generate` says they are
-untrained. Weights are stored in float16 to keep the package small and load as float32.
+    .venv/bin/python scripts/init_embedded.py OUT [--seed 0] [--vae psr/assets/toyworld/vae]
 
-    .venv/bin/python scripts/init_embedded.py
+OUT must not exist. The VAE defaults to the shipped psr/assets/toyworld/vae (rebuild it with
+`psr fit --recipe recipes/fit-toy-vae.toml`), so the base is rebuilt without retraining.
+`psr pretrain` trains the transformer of this folder; `--set model.path=OUT` with the
+`embedded` preset loads it.
 """
 
-import json
-import shutil
-from pathlib import Path
+import argparse
+import sys
 
-import torch
+from psr.core.embedded import EMBEDDED_SIZES, TOY_VAE_DIR, write_embedded_base
+from psr.errors import UserError
 
-from psr.core.components import save_components
-from psr.core.presets import EMBEDDED_DIR
-from psr.core.tiny import build_tiny_components
 
-components = build_tiny_components(seed=0)
-for module in (components.transformer, components.vae, components.text_encoder, components.text_encoder_2):
-    module.to(torch.float16)
-shutil.rmtree(EMBEDDED_DIR, ignore_errors=True)
-save_components(components, EMBEDDED_DIR)
-(Path(EMBEDDED_DIR) / "psr_model.json").write_text(json.dumps({
-    "architecture": "tiny",
-    "trained": False,
-    "note": "the embedded model is random-init (untrained) until the ToyWorld-trained weights "
-            "ship; its images are noise-like. Name real FLUX weights with --recipe.",
-}, indent=2) + "\n")
-print(f"wrote {EMBEDDED_DIR}")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="folder to create (must not exist)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init transformer and text encoders")
+    parser.add_argument("--vae", default=str(TOY_VAE_DIR), help="trained AutoencoderKL folder")
+    args = parser.parse_args(argv)
+    try:
+        sizes = write_embedded_base(args.out, seed=args.seed, vae_path=args.vae)
+    except UserError as err:
+        print(f"init_embedded: error: {err}", file=sys.stderr)
+        return 2
+    for name, size in sizes.items():
+        print(f"{name:16s} {size / 1e6:7.2f} MB")
+    print(f"{'total':16s} {sum(sizes.values()) / 1e6:7.2f} MB  ({args.out}; sizes {EMBEDDED_SIZES})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

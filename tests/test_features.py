@@ -31,7 +31,7 @@ def noise(width=64, height=64, seed=0):
 
 # ---------------------------------------------------------------------------- preprocessing
 def test_registry_lists_the_three_extractors():
-    assert list(FEATURE_EXTRACTORS) == ["dino", "dinov2", "clip"]
+    assert list(FEATURE_EXTRACTORS) == ["dino", "dinov2", "clip", "toyworld"]
 
 
 def test_psr_preprocess_of_a_constant_image_is_the_imagenet_normalised_colour():

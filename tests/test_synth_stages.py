@@ -44,10 +44,10 @@ def dinov2():
 # ---------------------------------------------------------------------------- registry
 def test_registry_table_lists_every_stage_kind_and_name():
     assert {kind: list(names) for kind, names in S.SYNTH_STAGES.items()} == {
-        "prompt": ["template", "llm"], "target": ["flux"], "detector": ["grounding-dino"],
-        "personalize": ["kontext"], "filter": ["feature-cosine"], "matcher": ["dinov2-mnn"],
-        "edit": ["kontext-edit"]}
-    assert list(LOCALIZERS) == ["grounding-dino"]
+        "prompt": ["template", "llm", "toyworld"], "target": ["flux", "toyworld"],
+        "detector": ["grounding-dino", "toyworld"], "personalize": ["kontext", "toyworld"],
+        "filter": ["feature-cosine"], "matcher": ["dinov2-mnn", "toyworld"], "edit": ["kontext-edit", "toyworld"]}
+    assert list(LOCALIZERS) == ["grounding-dino", "toyworld"]
 
 
 @pytest.mark.parametrize("kind, options, message", [

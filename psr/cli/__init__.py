@@ -113,6 +113,100 @@ def presets():
         print(f"{name:14s} {preset.description}")
 
 
+@app.command("eval")
+def eval_(
+    bench: Annotated[str, typer.Option("--bench", "-b", help="PSRBench-format folder (<Subset>.json lists).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder (created; reruns resume).")],
+    recipe: RecipeOpt = None,
+    score_only: Annotated[bool, typer.Option("--score-only", help="Score the bench's result_path images.")] = False,
+    oracle: Annotated[bool, typer.Option("--oracle", help="Score the ground-truth targets (gt_target_path).")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="First N items of each subset.")] = None,
+    subsets: Annotated[Optional[str], typer.Option("--subsets", help="Comma-separated subsets, e.g. Position,Three.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Another run's results.json: report the gap.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device of the model and the scoring components.")] = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Generate a PSRBench-format bench and score it (consistency, position, ToyWorld checks)."""
+    from psr.core.schema import load_recipe
+    from psr.workflows.eval import parse_subsets, run_eval
+
+    overrides = list(set_ or [])
+    if device is not None:
+        overrides += [f"model.device={device!r}", f"device={device!r}"]
+    run_eval(load_recipe("eval", recipe, overrides), bench, out, score_only=score_only, oracle=oracle,
+             limit=limit, subsets=parse_subsets(subsets), compare=compare, show_progress=not quiet)
+
+
+@app.command()
+def fit(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Fit recipe (recipes/fit-toy-identity.toml, …).")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Weights folder (default: the shipped one).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, auto, cuda, cuda:1 …")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoint in --out, "
+                                         "or start over.")] = True,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Train one of psr's small models (ToyWorld perception, …) and write its weights + metrics.json."""
+    from psr.core.schema import load_recipe
+    from psr.fit.loop import format_metrics, run_fit
+
+    overrides = list(set_ or [])
+    flags = {"out": repr(out) if out is not None else None, "steps": steps,
+             "device": repr(device) if device is not None else None}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    print(format_metrics(run_fit(load_recipe("fit", recipe, overrides), resume=resume, show_progress=not quiet)))
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (recipe key `out`).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")] = False,
+    export: Annotated[Optional[str], typer.Option(
+        "--export", help="Instead of training: export this checkpoint folder to --out.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="With --export: fold LoRA into the base weights.")] = False,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="With --export: the raw weights, not the EMA.")] = False,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Fine-tune the multi-reference core in context (full, LoRA, MoE-LoRA; attention regularizers)."""
+    if export is not None:
+        from psr.train.export import export_checkpoint
+
+        if out is None:
+            raise UserError("--export: give the model folder to write with --out")
+        print(export_checkpoint(export, out, merge=merge, use_ema=not no_ema))
+        return
+    from psr.core.schema import load_recipe
+    from psr.workflows.pretrain import run_pretrain
+
+    overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])
+    summary = run_pretrain(load_recipe("pretrain", recipe, overrides), resume=resume, show_progress=not quiet)
+    if summary["main_process"]:
+        print(summary["final"])
+
+
+@app.command()
+def rl(
+    recipe: RecipeOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (recipe key `out`).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")] = False,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Tune with rewards: GRPO / GSPO over SDE rollouts, or FocusDPO on preference pairs."""
+    from psr.core.schema import load_recipe
+    from psr.workflows.rl import run_rl
+
+    overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])
+    summary = run_rl(load_recipe("rl", recipe, overrides), resume=resume, show_progress=not quiet)
+    if summary["main_process"]:
+        print(summary["final"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
     try:

@@ -281,8 +281,12 @@ def _grounding_dino(device="cpu", *, path: str | None = None, tiny: bool = False
                                   max_detections=max_detections)
 
 
+# The ToyWorld localizer module imports nothing from this one, so no cycle.
+from psr.toyworld.perception.localizer import toyworld_localizer  # noqa: E402
+
 LOCALIZERS: dict[str, Callable[..., Localizer]] = {
     "grounding-dino": _grounding_dino,
+    "toyworld": toyworld_localizer,
 }
 
 

@@ -299,9 +299,9 @@ class ClipFeatures(HoldsModel):
         save_file(state, str(folder / "open_clip_model.safetensors"))
 
 
-def _clip(device="cpu", *, name: str = "ViT-B-32", path: str | None = None, tiny: bool = False,
+def _clip(device="cpu", *, arch: str = "ViT-B-32", path: str | None = None, tiny: bool = False,
           config: dict | None = None, dtype: str = "float32", seed: int = 0, batch_size: int = 32) -> ClipFeatures:
-    """`name`: an open_clip architecture (ViT-B-32, ViT-L-14, …) or 'hf-hub:org/repo'.
+    """`arch`: an open_clip architecture (ViT-B-32, ViT-L-14, …) or 'hf-hub:org/repo'.
     `path`: a checkpoint file, an open_clip pretrained tag (e.g. 'openai'), or a folder in
     open_clip's local-dir layout (what `save_pretrained` writes)."""
     import copy
@@ -316,7 +316,7 @@ def _clip(device="cpu", *, name: str = "ViT-B-32", path: str | None = None, tiny
     if tiny or config:
         if path is not None:
             raise UserError("clip: give either path or tiny/config, not both")
-        model_cfg = copy.deepcopy(TINY_CLIP) if tiny else copy.deepcopy(open_clip.get_model_config(name) or {})
+        model_cfg = copy.deepcopy(TINY_CLIP) if tiny else copy.deepcopy(open_clip.get_model_config(arch) or {})
         for key, value in (config or {}).items():
             if isinstance(value, dict):
                 model_cfg.setdefault(key, {}).update(value)
@@ -335,19 +335,19 @@ def _clip(device="cpu", *, name: str = "ViT-B-32", path: str | None = None, tiny
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
         return ClipFeatures(model.to(dev, dt), preprocess, tokenizer, model_cfg=model_cfg,
                             preprocess_cfg=preprocess_cfg, batch_size=batch_size)
-    if path is None and not name.startswith("hf-hub:"):
+    if path is None and not arch.startswith("hf-hub:"):
         raise UserError(f"clip: give path (a checkpoint file, a pretrained tag such as 'openai', or an "
-                        f"open_clip folder) for {name}, or tiny=true for a random-init test model")
+                        f"open_clip folder) for {arch}, or tiny=true for a random-init test model")
     local = Path(path).expanduser() if path is not None else None
     if local is not None and local.is_dir():
         model_name, pretrained = f"local-dir:{local}", None
     else:
-        model_name, pretrained = name, (str(local) if local is not None and local.is_file() else path)
+        model_name, pretrained = arch, (str(local) if local is not None and local.is_file() else path)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(model_name)
     except (OSError, RuntimeError, ValueError) as err:
-        raise UserError(f"clip {name} path {path}: cannot load ({_first_line(err)})") from None
+        raise UserError(f"clip {arch} path {path}: cannot load ({_first_line(err)})") from None
     if model_name.startswith("local-dir:"):
         model_cfg = json.loads((local / "open_clip_config.json").read_text())["model_cfg"]
     else:
@@ -358,10 +358,14 @@ def _clip(device="cpu", *, name: str = "ViT-B-32", path: str | None = None, tiny
 
 
 # ---------------------------------------------------------------------------- registry
+# The ToyWorld encoder module imports nothing from this one, so no cycle.
+from psr.toyworld.perception.identity import toyworld_extractor  # noqa: E402
+
 FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
     "dino": _dino,
     "dinov2": _dinov2,
     "clip": _clip,
+    "toyworld": toyworld_extractor,
 }
 
 

@@ -213,6 +213,10 @@ class SynthRecipe:
 RECIPE_KINDS: dict[str, type] = {
     "generate": GenerateRecipe,
     "synth": SynthRecipe,
+    "eval": __import__("psr.eval.config", fromlist=["EvalRecipe"]).EvalRecipe,
+    "pretrain": __import__("psr.train.config", fromlist=["PretrainRecipe"]).PretrainRecipe,
+    "fit": __import__("psr.fit.recipe", fromlist=["FitRecipe"]).FitRecipe,
+    "rl": __import__("psr.rl.config", fromlist=["RlRecipe"]).RlRecipe,
 }
 
 
