@@ -244,7 +244,8 @@ def test_fit_resumes_from_its_checkpoint(tmp_path, one_thread, monkeypatch):
         return original(self, step)
 
     monkeypatch.setattr(ToyIdentityFitter, "train_step", dies_at_3)
-    recipe = load_recipe("fit", "recipes/fit-toy-identity.toml", TINY["toy-identity"] + [f"out='{tmp_path}'", "steps=5"])
+    overrides = TINY["toy-identity"] + [f"out='{tmp_path}'", "steps=5"]
+    recipe = load_recipe("fit", "recipes/fit-toy-identity.toml", overrides)
     with pytest.raises(KeyboardInterrupt):  # a kill between checkpoints
         run_fit(recipe, show_progress=False)
     assert seen == [0, 1, 2] and (tmp_path / ".fit-checkpoint.pt").is_file()
