@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from psr.core.components import FluxComponents, torch_dtype
-from psr.core.tiny import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from psr.core.tiny import build_clip_tokenizer, build_tiny_text_encoders, flux_scheduler
 
 # The defaults of `build_embedded_components`, as one table so scripts and docs agree.
 EMBEDDED_SIZES: dict[str, Any] = {
@@ -122,8 +122,7 @@ def build_embedded_components(
     always random-init from `seed`, so the same seed gives the same base model.
     """
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxTransformer2DModel
 
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}")
@@ -152,23 +151,10 @@ def build_embedded_components(
         )
         # The text encoders are never trained: small widths keep the vocabulary table (the
         # bulk of their size) at 3.2 MB each in float16.
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE, hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2,
-            num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=77,
-            projection_dim=text_hidden_size, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=CLIP_VOCAB_SIZE, d_model=text_hidden_size, d_kv=text_hidden_size // 4,
-            d_ff=text_hidden_size * 2, num_layers=text_layers, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=49407, eos_token_id=49407,
-            decoder_start_token_id=0,
-        ))
+        text_encoder, text_encoder_2 = build_tiny_text_encoders(text_hidden_size, text_layers)
     finally:
         torch.random.set_rng_state(state)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     dt = torch_dtype(dtype)
     for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()

@@ -91,18 +91,27 @@ class GenerateRecipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+def resolve_model(model: ModelConfig) -> ModelConfig:
+    """The model section with every None that its preset decides filled in (every command
+    that loads a model resolves it the same way)."""
+    from psr.core.presets import PRESETS
+
+    preset = PRESETS[model.preset]
+    return replace(
+        model,
+        path=model.path or preset.default_path,
+        dtype=model.dtype or preset.dtype,
+        reference_size=model.reference_size or preset.reference_size,
+        max_sequence_length=model.max_sequence_length or preset.max_sequence_length,
+    )
+
+
 def resolve_generate(recipe: GenerateRecipe) -> GenerateRecipe:
     """Fill every None that a preset decides with that preset's value."""
     from psr.core.presets import PRESETS
 
     preset = PRESETS[recipe.model.preset]
-    model = replace(
-        recipe.model,
-        path=recipe.model.path or preset.default_path,
-        dtype=recipe.model.dtype or preset.dtype,
-        reference_size=recipe.model.reference_size or preset.reference_size,
-        max_sequence_length=recipe.model.max_sequence_length or preset.max_sequence_length,
-    )
+    model = resolve_model(recipe.model)
     sample = replace(
         recipe.sample,
         steps=recipe.sample.steps or preset.steps,

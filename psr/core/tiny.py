@@ -83,6 +83,36 @@ def build_clip_tokenizer(model_max_length: int = 77):
     return tokenizer
 
 
+def build_tiny_text_encoders(text_hidden_size: int, text_layers: int):
+    """(CLIPTextModel, T5EncoderModel), random-init at the given width and depth, on the CLIP
+    vocabulary (the offline tokenizer serves both). Draws from torch's global generator, so
+    callers seed it."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2,
+        num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=77,
+        projection_dim=text_hidden_size, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=CLIP_VOCAB_SIZE, d_model=text_hidden_size, d_kv=text_hidden_size // 4,
+        d_ff=text_hidden_size * 2, num_layers=text_layers, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=49407, eos_token_id=49407,
+        decoder_start_token_id=0,
+    ))
+    return text_encoder, text_encoder_2
+
+
+def flux_scheduler():
+    """FLUX's flow-matching scheduler with resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
 def build_tiny_components(
     seed: int = 0,
     dtype: str = "float32",
@@ -104,8 +134,7 @@ def build_tiny_components(
     an 8x8 grid of 2x2-packed tokens of 16 channels; a 2+2-block transformer of width 64.
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError("axes_dims_rope must sum to attention_head_dim")
@@ -142,23 +171,10 @@ def build_tiny_components(
             use_post_quant_conv=False,
             mid_block_add_attention=False,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE, hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2,
-            num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=77,
-            projection_dim=text_hidden_size, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=CLIP_VOCAB_SIZE, d_model=text_hidden_size, d_kv=text_hidden_size // 4,
-            d_ff=text_hidden_size * 2, num_layers=text_layers, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=49407, eos_token_id=49407,
-            decoder_start_token_id=0,
-        ))
+        text_encoder, text_encoder_2 = build_tiny_text_encoders(text_hidden_size, text_layers)
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     dt = torch_dtype(dtype)
     for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()

@@ -298,15 +298,10 @@ class RlRecipe:
 def resolve_rl(recipe: RlRecipe) -> RlRecipe:
     """Fill every None that the preset decides (model dtype and sizes, sampler settings)."""
     from psr.core.presets import PRESETS
+    from psr.core.schema import resolve_model
 
     preset = PRESETS[recipe.model.preset]
-    model = replace(
-        recipe.model,
-        path=recipe.model.path or preset.default_path,
-        dtype=recipe.model.dtype or preset.dtype,
-        reference_size=recipe.model.reference_size or preset.reference_size,
-        max_sequence_length=recipe.model.max_sequence_length or preset.max_sequence_length,
-    )
+    model = resolve_model(recipe.model)
     rollout = replace(recipe.rollout, size=recipe.rollout.size or preset.size,
                       guidance=preset.guidance if recipe.rollout.guidance is None else recipe.rollout.guidance)
     evaluation = replace(recipe.eval, steps=recipe.eval.steps or preset.steps, size=recipe.eval.size or rollout.size,

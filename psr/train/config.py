@@ -266,15 +266,10 @@ class PretrainRecipe:
 def resolve_pretrain(recipe: PretrainRecipe) -> PretrainRecipe:
     """Fill every None that the preset decides (model dtype, sizes, sample settings)."""
     from psr.core.presets import PRESETS
+    from psr.core.schema import resolve_model
 
     preset = PRESETS[recipe.model.preset]
-    model = replace(
-        recipe.model,
-        path=recipe.model.path or preset.default_path,
-        dtype=recipe.model.dtype or preset.dtype,
-        reference_size=recipe.model.reference_size or preset.reference_size,
-        max_sequence_length=recipe.model.max_sequence_length or preset.max_sequence_length,
-    )
+    model = resolve_model(recipe.model)
     samples = replace(
         recipe.samples,
         steps=recipe.samples.steps or preset.steps,
