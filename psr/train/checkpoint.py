@@ -25,12 +25,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from psr.core.io import write_json_atomic, write_text_atomic
+from psr.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "state.json"
@@ -56,6 +57,25 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def resumable_checkpoint(out: Path, digest: str, resume: bool,
+                         changed_at: Callable[[Path], str]) -> tuple[Path | None, dict[str, Any]]:
+    """The newest checkpoint of run folder `out` and its saved state (`{"step": 0}` when
+    there is none), after the checks every resumable trainer makes: a folder that holds a
+    run needs `--resume`, and a resume needs the recipe that wrote it (`digest`);
+    `changed_at(checkpoint)` names the first recipe key that differs."""
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is None:
+        return None, {"step": 0}
+    state = read_state(latest)
+    if not resume:
+        raise UserError(f"out {out}: holds checkpoints up to {latest.name}; pass --resume to continue that run, "
+                        "or choose another --out")
+    if state.get("recipe_hash") != digest:
+        raise UserError(f"--resume: the recipe differs from the one of {latest} at "
+                        f"{changed_at(latest)}; resume with the same recipe or use another --out")
+    return latest, state
 
 
 def remove_stale(root: str | Path) -> int:

@@ -75,17 +75,14 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
         check_tensorboard()
     out = prepare_output_dir(recipe.out)
     digest = training_hash(recipe)
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
-    state = ckpt.read_state(latest) if latest is not None else {"step": 0}
-    if latest is not None and not resume:
-        raise UserError(f"out {out}: holds checkpoints up to {latest.name}; pass --resume to continue that run, "
-                        "or choose another --out")
-    if latest is not None and state.get("recipe_hash") != digest:
+
+    def changed_at(checkpoint: Path) -> str:
         from psr.core.schema import load_recipe
 
-        old = resolve_pretrain(load_recipe("pretrain", str(latest / "recipe.toml")))
-        raise UserError(f"--resume: the recipe differs from the one of {latest} at "
-                        f"{recipe_difference(old, recipe)}; resume with the same recipe or use another --out")
+        old = resolve_pretrain(load_recipe("pretrain", str(checkpoint / "recipe.toml")))
+        return recipe_difference(old, recipe)
+
+    latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
 
     import torch
     from accelerate import Accelerator

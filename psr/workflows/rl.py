@@ -74,17 +74,14 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
         check_tensorboard()
     out = prepare_output_dir(recipe.out)
     digest = training_hash(recipe, OPERATIONAL)
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
-    state = ckpt.read_state(latest) if latest is not None else {"step": 0}
-    if latest is not None and not resume:
-        raise UserError(f"out {out}: holds checkpoints up to {latest.name}; pass --resume to continue that run, "
-                        "or choose another --out")
-    if latest is not None and state.get("recipe_hash") != digest:
+
+    def changed_at(checkpoint: Path) -> str:
         from psr.core.schema import load_recipe
 
-        old = resolve_rl(load_recipe("rl", str(latest / "recipe.toml")))
-        raise UserError(f"--resume: the recipe differs from the one of {latest} at "
-                        f"{recipe_difference(old, recipe, OPERATIONAL)}; resume with the same recipe or use another --out")
+        old = resolve_rl(load_recipe("rl", str(checkpoint / "recipe.toml")))
+        return recipe_difference(old, recipe, OPERATIONAL)
+
+    latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
