@@ -112,6 +112,12 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     raise TypeError(f"recipe field {path} has an unsupported type {hint!r}")  # a schema bug
 
 
+def require(condition: bool, key: str, message: str) -> None:
+    """A recipe invariant: raise `RecipeError(key, message)` unless `condition` holds."""
+    if not condition:
+        raise RecipeError(key, message)
+
+
 def build(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass `cls` from a TOML table, raising `RecipeError` with the key path."""
     hints = typing.get_type_hints(cls)

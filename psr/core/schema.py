@@ -9,14 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from psr.core.recipe import require as _require
 from psr.errors import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from psr.core.schema import ModelConfig, SampleConfig
+from psr.core.recipe import require as _require
 from psr.errors import RecipeError
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
 
 
 def _check_component(key: str, options: dict, registry: dict, what: str) -> None:

@@ -11,12 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from psr.errors import RecipeError
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
+from psr.core.recipe import require as _require
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from psr.errors import RecipeError
+from psr.core.recipe import require as _require
 from psr.rewards.registry import RewardSpec, check_reward_specs
 from psr.rl.losses import GRPO_CLIP_RANGE, GSPO_CLIP_HIGH, GSPO_CLIP_LOW
 from psr.train.config import LARGE_PRESETS, AdapterConfig, CheckpointConfig, LoggingConfig
 
 OBJECTIVE_NAMES = ("grpo", "gspo", "focusdpo")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
 
 
 @dataclass(frozen=True)

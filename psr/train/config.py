@@ -19,14 +19,10 @@ from typing import Any, Literal
 
 from psr.core.attention import check_block_names
 from psr.core.regularizers import RegularizerSpec
+from psr.core.recipe import require as _require
 from psr.errors import RecipeError, UserError
 
 LARGE_PRESETS = ("flux-dev", "flux-kontext")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
 
 
 @dataclass(frozen=True)
