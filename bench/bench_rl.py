@@ -1,7 +1,7 @@
 """Throughput of `psr rl` with the toy recipes' settings: rollout images/s, update steps/s,
 FocusDPO pairs/s, and the share of each step spent computing rewards.
 
-    .venv/bin/python bench/bench_rl.py                              # tiny preset, CPU, 3 steps per recipe
+    .venv/bin/python bench/bench_rl.py                              # the recipes' model (embedded), CPU, 3 steps per recipe
     .venv/bin/python bench/bench_rl.py --device cuda --steps 10
     .venv/bin/python bench/bench_rl.py --recipes gspo-toy --set rollout.group_size=16
     .venv/bin/python bench/bench_rl.py --data data/synth-toy --rewards toyworld

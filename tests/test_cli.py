@@ -46,10 +46,22 @@ def test_generate_writes_pngs_sidecars_and_resolved_recipe(tmp_path, refs, capsy
     assert (out / "0003.png").read_bytes() == (out / "0001.png").read_bytes()
 
 
-def test_generate_without_references_and_untrained_note(tmp_path, capsys):
-    code, stdout, stderr = _run(capsys, "generate", "a star", "--out", str(tmp_path), "--steps", "1", "-q")
+def test_generate_without_references_and_the_untrained_note(tmp_path, capsys):
+    import shutil
+
+    from psr.core.presets import EMBEDDED_DIR
+
+    code, stdout, stderr = _run(capsys, "generate", "a star", "--out", str(tmp_path / "a"), "--steps", "1", "-q")
     assert code == 0 and stdout.strip().endswith("0000.png")
-    assert "untrained" in stderr
+    assert json.loads((EMBEDDED_DIR / "psr_model.json").read_text())["trained"] is True
+    assert "untrained" not in stderr                    # the shipped model is trained: no warning
+    # A model folder whose card says it is untrained is named as such on stderr.
+    untrained = tmp_path / "untrained"
+    shutil.copytree(EMBEDDED_DIR, untrained)
+    (untrained / "psr_model.json").write_text(json.dumps({"trained": False}))
+    code, _, stderr = _run(capsys, "generate", "a star", "--out", str(tmp_path / "b"), "--steps", "1", "-q",
+                           "--set", f"model.path={str(untrained)!r}")
+    assert code == 0 and "untrained" in stderr
 
 
 def _bad_inputs(tmp_path, refs):

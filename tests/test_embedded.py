@@ -67,6 +67,21 @@ def test_sizes_are_plain_numbers_and_the_seed_fixes_the_weights(default_componen
     assert w0.shape == w1.shape and not torch.equal(w0, w1)
 
 
+
+def test_fixed_shift_is_shared_by_training_and_sampling_at_every_size(default_components):
+    from psr.core.embedded import EMBEDDED_SHIFT
+    from psr.core.sampler import flux_schedule
+    from psr.train.objective import shift_sigmas
+
+    cfg = default_components.scheduler.config
+    assert EMBEDDED_SHIFT == 3.0 and not cfg.use_dynamic_shifting
+    schedule = flux_schedule(cfg, 8, 64)
+    raw = torch.linspace(1.0, 1.0 / 8, 8)
+    assert torch.allclose(schedule.sigmas[:-1], shift_sigmas(raw, cfg, 64))      # what training draws
+    assert torch.allclose(flux_schedule(cfg, 8, 1024).sigmas, schedule.sigmas)  # no token-count shift
+    assert schedule.sigmas[1].item() == pytest.approx(3 * 0.875 / (1 + 2 * 0.875))
+    assert torch.allclose(schedule.timesteps, schedule.sigmas[:-1])              # the transformer is told σ
+
 @pytest.mark.parametrize("bad", [{"axes_dims_rope": (4, 14, 12)}, {"axes_dims_rope": (5, 13, 14)}])
 def test_builder_rejects_rope_axes_that_do_not_fit_the_head(bad):
     with pytest.raises(ValueError, match="axes_dims_rope"):

@@ -243,6 +243,14 @@ def test_lora_file_loads_in_diffusers_and_merge_matches_it(toy_data, tmp_path, o
         plain = build_tiny_components(seed=0).transformer(**inputs)[0]
     # The trained LoRA moves the output ~100x more than merging differs from loading it.
     assert (got - expected).abs().max() < 1e-6 and (got - plain).abs().max() > 2e-5
+    # A float16 export halves the folder; a LoRA file has no model folder to cast.
+    checkpoint = str(out / "checkpoints" / "step_000002")
+    assert main(["pretrain", "--export", checkpoint, "--merge", "--dtype", "float16", "--out", str(tmp_path / "half")]) == 0
+    half = _tensors(next((tmp_path / "half" / "transformer").glob("*.safetensors")))
+    assert {t.dtype for t in half.values()} == {torch.float16}
+    assert json.loads((tmp_path / "half" / "psr_model.json").read_text())["dtype"] == "float16"
+    assert main(["pretrain", "--export", checkpoint, "--dtype", "float16", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
 
 
 def test_regularizers_are_logged_and_finite(toy_data, tmp_path, one_thread):
@@ -294,6 +302,9 @@ def test_bad_input_is_one_line_and_exit_2(toy_data, tmp_path, capsys):
         "export without --out": (["--export", str(tmp_path)], "--export: give the model folder"),
         "export of a non-checkpoint": (["--export", str(tmp_path), "--out", str(tmp_path / "c")],
                                        "not a checkpoint folder"),
+        "dtype without --export": (["--dtype", "float16", "--out", str(tmp_path / "d")], "--dtype: applies to --export"),
+        "unknown export dtype": (["--export", str(tmp_path), "--out", str(tmp_path / "e"), "--dtype", "fp8"],
+                                 "--dtype 'fp8': choose one of float32, float16, bfloat16"),
     }
     for name, (args, message) in cases.items():
         assert main([*base, *args]) == 2, name
@@ -308,3 +319,17 @@ def test_existing_run_needs_resume_and_the_same_recipe(toy_data, tmp_path, capsy
         _train(toy_data, out, "train.steps=2")
     with pytest.raises(UserError, match=r"train\.lr \(0\.0003 in the checkpoint, 0\.001 now\)"):
         _train(toy_data, out, "train.steps=4", "train.lr=1e-3", resume=True)
+
+
+def test_model_card_keeps_the_base_architecture_facts(tmp_path):
+    from psr.train.export import _model_card
+
+    (tmp_path / "psr_model.json").write_text(json.dumps(
+        {"architecture": "embedded", "sizes": {"num_layers": 6}, "parameters": {"vae": 1}, "trained": False,
+         "note": "base: untrained"}))
+    card = _model_card(40, "abc", True, "none", str(tmp_path))
+    assert card == {"trained": True, "note": "psr pretrain (full fine-tune), step 40", "step": 40,
+                    "recipe_hash": "abc", "ema": True, "architecture": "embedded",
+                    "sizes": {"num_layers": 6}, "parameters": {"vae": 1}}
+    assert _model_card(1, "", False, "lora", None)["note"] == "psr pretrain (LoRA), step 1"
+    assert "architecture" not in _model_card(1, "", False, "none", str(tmp_path / "missing"))

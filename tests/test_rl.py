@@ -18,7 +18,7 @@ from psr.train import checkpoint as ckpt
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"
 # Two groups of two images, two denoising steps (both trained), a rank-4 LoRA, no TensorBoard.
-FAST = ["model.device=cpu", "rollout.group_size=2", "rollout.groups_per_step=2", "rollout.steps=2",
+FAST = ["model.preset=tiny", "model.device=cpu", "rollout.group_size=2", "rollout.groups_per_step=2", "rollout.steps=2",
         "rollout.train_fraction=1.0", "train.steps=2", "train.lr=1e-2", "logging.every=1",
         "logging.tensorboard=false", "eval.every=0", "checkpoint.every=1", "adapter.rank=4"]
 TIMING = ("rollout_images_per_s", "update_steps_per_s", "reward_time_share", "pairs_per_s")

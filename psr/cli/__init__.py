@@ -169,16 +169,20 @@ def pretrain(
         "--export", help="Instead of training: export this checkpoint folder to --out.")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="With --export: fold LoRA into the base weights.")] = False,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="With --export: the raw weights, not the EMA.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="With --export: weight dtype of the model folder (float16 to ship it small).")] = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Fine-tune the multi-reference core in context (full, LoRA, MoE-LoRA; attention regularizers)."""
+    if dtype is not None and export is None:
+        raise UserError("--dtype: applies to --export only (training precision is train.mixed_precision)")
     if export is not None:
         from psr.train.export import export_checkpoint
 
         if out is None:
             raise UserError("--export: give the model folder to write with --out")
-        print(export_checkpoint(export, out, merge=merge, use_ema=not no_ema))
+        print(export_checkpoint(export, out, merge=merge, use_ema=not no_ema, dtype=dtype))
         return
     from psr.core.schema import load_recipe
     from psr.workflows.pretrain import run_pretrain

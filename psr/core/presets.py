@@ -54,7 +54,7 @@ def _load_tiny(config: "ModelConfig") -> "FluxComponents":
 
 PRESETS: dict[str, Preset] = {
     "embedded": Preset(
-        description="the tiny architecture with the weights shipped in the package (CPU-friendly)",
+        description="the embedded architecture trained on ToyWorld, weights shipped in the package (CPU-friendly)",
         load=_load_pretrained, dtype="float32", size=64, reference_size=64,
         max_sequence_length=64, steps=8, guidance=3.5, token_stride=8, default_path=str(EMBEDDED_DIR),
     ),

@@ -60,14 +60,27 @@ def load_trainable(named: list[tuple[str, torch.nn.Parameter]], tensors: dict[st
             param.copy_(tensors[name])
 
 
-def _model_card(step: int, recipe_hash: str, ema: bool, kind: str) -> dict:
+# Facts about the architecture that a base folder's card states and a fine-tune keeps.
+INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters")
+
+
+def _model_card(step: int, recipe_hash: str, ema: bool, kind: str, base_path: str | None) -> dict:
     what = {"none": "full fine-tune", "lora": "LoRA", "moe_lora": "MoE-LoRA"}[kind]
-    return {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
+    card = {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
             "recipe_hash": recipe_hash, "ema": ema}
+    base = Path(base_path) / "psr_model.json" if base_path else None
+    if base is not None and base.is_file():
+        import json
+
+        inherited = json.loads(base.read_text())
+        card.update({k: inherited[k] for k in INHERITED_CARD_KEYS if k in inherited})
+    return card
 
 
-def write_export(components, kind: str, folder: Path, card: dict, merge: bool = False) -> Path:
-    """Write `folder` atomically from components whose transformer holds the final weights."""
+def write_export(components, kind: str, folder: Path, card: dict, merge: bool = False,
+                 dtype: str | None = None) -> Path:
+    """Write `folder` atomically from components whose transformer holds the final weights
+    (a model folder is cast to `dtype` after any merge, when one is given)."""
     from psr.core.components import save_components
     from psr.core.lora import merge_lora, save_lora, save_moe_lora
 
@@ -81,6 +94,11 @@ def write_export(components, kind: str, folder: Path, card: dict, merge: bool = 
         if kind != "none" and merge:
             merge_lora(transformer)
         if kind == "none" or merge:
+            if dtype is not None:
+                from psr.core.components import torch_dtype
+
+                for module in (transformer, components.vae, components.text_encoder, components.text_encoder_2):
+                    module.to(torch_dtype(dtype))
             save_components(components, tmp)
             write_json_atomic(tmp / "psr_model.json", card)
         elif kind == "lora":
@@ -102,7 +120,7 @@ def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash
     """The end-of-run export from the live model (EMA weights swapped in when on)."""
     import contextlib
 
-    card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind)
+    card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind, recipe.model.path)
     with ema.applied() if ema is not None else contextlib.nullcontext():
         if recipe.adapter.kind == "none":
             # Saved in the model's dtype, like the checkpoint it came from.
@@ -119,8 +137,17 @@ def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash
         return write_export(model.components, recipe.adapter.kind, folder, card)
 
 
-def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: bool = True) -> Path:
-    """Rebuild the model of a checkpoint folder and write an export to `out` (see module)."""
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: bool = True,
+                      dtype: str | None = None) -> Path:
+    """Rebuild the model of a checkpoint folder and write an export to `out` (see module).
+
+    `dtype` casts every component of a model-folder export (full fine-tune, or `merge`) to
+    that weight dtype, e.g. float16 halves a folder that ships inside a package; None keeps
+    the recipe's `model.dtype`. Loading upcasts again to the loader's dtype.
+    """
     import dataclasses
 
     from psr.core.presets import PRESETS
@@ -128,6 +155,8 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     from psr.train.checkpoint import STATE, load_tensors, read_state
     from psr.train.config import resolve_pretrain
 
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     folder = Path(checkpoint)
     if not (folder / STATE).is_file() or not (folder / "trainable.safetensors").is_file():
         raise UserError(f"--export {checkpoint}: not a checkpoint folder (expected state.json and "
@@ -136,6 +165,8 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     kind = recipe.adapter.kind
     if merge and kind == "none":
         merge = False  # a full fine-tune is already a model folder
+    if dtype is not None and kind != "none" and not merge:
+        raise UserError("--dtype: applies to a model folder (a full fine-tune, or a LoRA with --merge)")
     state = read_state(folder)
     weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "trainable.safetensors"
     config = dataclasses.replace(recipe.model, device="cpu")
@@ -146,6 +177,9 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
 
     if components.transformer.dtype != torch_dtype(recipe.model.dtype):
         components.transformer.to(torch_dtype(recipe.model.dtype))
-    card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind)
+    card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind,
+                       recipe.model.path)
     card["merged"] = bool(merge)
-    return write_export(components, kind, Path(out), card, merge=merge)
+    if dtype is not None:
+        card["dtype"] = dtype
+    return write_export(components, kind, Path(out), card, merge=merge, dtype=dtype)
