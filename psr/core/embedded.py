@@ -22,8 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from psr.core.components import FluxComponents, torch_dtype
-from psr.core.tiny import build_clip_tokenizer, build_tiny_text_encoders
+from psr.core.components import FluxComponents
+from psr.core.tiny import (
+    assemble_components,
+    build_tiny_text_encoders,
+    flux_transformer,
+)
 
 # The defaults of `build_embedded_components`, as one table so scripts and docs agree.
 EMBEDDED_SIZES: dict[str, Any] = {
@@ -139,7 +143,6 @@ def build_embedded_components(
     always random-init from `seed`, so the same seed gives the same base model.
     """
     import torch
-    from diffusers import FluxTransformer2DModel
 
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}")
@@ -154,38 +157,15 @@ def build_embedded_components(
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=latent_channels * 4,
-            num_layers=num_layers,
-            num_single_layers=num_single_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            joint_attention_dim=text_hidden_size,
-            pooled_projection_dim=text_hidden_size,
-            guidance_embeds=False,
-            axes_dims_rope=tuple(axes_dims_rope),
-        )
+        transformer = flux_transformer(latent_channels, num_layers, num_single_layers, attention_head_dim,
+                                       num_attention_heads, text_hidden_size, axes_dims_rope, guidance_embeds=False)
         # The text encoders are never trained: small widths keep the vocabulary table (the
         # bulk of their size) at 3.2 MB each in float16.
         text_encoder, text_encoder_2 = build_tiny_text_encoders(text_hidden_size, text_layers)
     finally:
         torch.random.set_rng_state(state)
-    scheduler = embedded_scheduler()
-    dt = torch_dtype(dtype)
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval()
-        if module.dtype != dt:
-            module.to(dt)
-    return FluxComponents(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(77),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(max_sequence_length),
-        scheduler=scheduler,
-    )
+    return assemble_components(transformer, vae, text_encoder, text_encoder_2, embedded_scheduler(), dtype,
+                               max_sequence_length)
 
 
 def parameter_counts(components: FluxComponents) -> dict[str, int]:

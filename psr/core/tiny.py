@@ -113,6 +113,45 @@ def flux_scheduler():
     )
 
 
+def flux_transformer(latent_channels: int, num_layers: int, num_single_layers: int, attention_head_dim: int,
+                     num_attention_heads: int, text_hidden_size: int, axes_dims_rope, guidance_embeds: bool):
+    """A random-init `FluxTransformer2DModel` reading 2x2-packed latents and the small text
+    encoders' width (the caller seeds the RNG)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=text_hidden_size,
+        pooled_projection_dim=text_hidden_size,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=tuple(axes_dims_rope),
+    )
+
+
+def assemble_components(transformer, vae, text_encoder, text_encoder_2, scheduler, dtype: str,
+                        max_sequence_length: int) -> FluxComponents:
+    """Put built modules in eval mode and `dtype`, and add the offline CLIP BPE tokenizers."""
+    dt = torch_dtype(dtype)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()
+        if module.dtype != dt:
+            module.to(dt)
+    return FluxComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(max_sequence_length),
+        scheduler=scheduler,
+    )
+
+
 def build_tiny_components(
     seed: int = 0,
     dtype: str = "float32",
@@ -134,25 +173,15 @@ def build_tiny_components(
     an 8x8 grid of 2x2-packed tokens of 16 channels; a 2+2-block transformer of width 64.
     """
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
 
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError("axes_dims_rope must sum to attention_head_dim")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=latent_channels * 4,
-            num_layers=num_layers,
-            num_single_layers=num_single_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            joint_attention_dim=text_hidden_size,
-            pooled_projection_dim=text_hidden_size,
-            guidance_embeds=True,
-            axes_dims_rope=axes_dims_rope,
-        )
+        transformer = flux_transformer(latent_channels, num_layers, num_single_layers, attention_head_dim,
+                                       num_attention_heads, text_hidden_size, axes_dims_rope, guidance_embeds=True)
         n = len(vae_block_out_channels)
         vae = AutoencoderKL(
             in_channels=3,
@@ -174,18 +203,5 @@ def build_tiny_components(
         text_encoder, text_encoder_2 = build_tiny_text_encoders(text_hidden_size, text_layers)
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = flux_scheduler()
-    dt = torch_dtype(dtype)
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval()
-        if dt != torch.float32:
-            module.to(dt)
-    return FluxComponents(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(77),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(max_sequence_length),
-        scheduler=scheduler,
-    )
+    return assemble_components(transformer, vae, text_encoder, text_encoder_2, flux_scheduler(), dtype,
+                               max_sequence_length)
