@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -64,6 +65,31 @@ def test_generate_without_references_and_the_untrained_note(tmp_path, capsys):
     assert code == 0 and "untrained" in stderr
 
 
+def test_weights_flag_loads_trained_weights_on_top(tmp_path, capsys):
+    # The shipped folder's own transformer/ as `--weights`: the same numbers land in the
+    # same model, so the image is byte-identical; a LoRA merge is tested in test_rl.
+    from psr.core.presets import EMBEDDED_DIR
+
+    argv = ["a star", "--steps", "1", "-q", "--seed", "3"]
+    code, plain, _ = _run(capsys, "generate", *argv, "--out", str(tmp_path / "plain"))
+    assert code == 0
+    code, weighted, _ = _run(capsys, "generate", *argv, "--out", str(tmp_path / "w"), "--weights", str(EMBEDDED_DIR))
+    assert code == 0
+    assert Path(plain.split()[0]).read_bytes() == Path(weighted.split()[0]).read_bytes()
+    # Other weights (the output projection zeroed: the velocity is 0, the image is the
+    # decoded noise) give another image.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(EMBEDDED_DIR / "transformer" / "diffusion_pytorch_model.safetensors"))
+    tensors = {k: v.zero_() if k.startswith("proj_out") else v for k, v in tensors.items()}
+    (tmp_path / "zeroed" / "transformer").mkdir(parents=True)
+    save_file(tensors, str(tmp_path / "zeroed" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    code, other, _ = _run(capsys, "generate", *argv, "--out", str(tmp_path / "z"),
+                          "--weights", str(tmp_path / "zeroed"))
+    assert code == 0
+    assert Path(plain.split()[0]).read_bytes() != Path(other.split()[0]).read_bytes()
+
+
 def _bad_inputs(tmp_path, refs):
     text = tmp_path / "text.png"
     text.write_text("hello")
@@ -97,6 +123,10 @@ def _bad_inputs(tmp_path, refs):
         "bad device": (["x", "--device", "quantum"], "not a torch device"),
         "bad override": (["x", "--set", "novalue"], "expected KEY.PATH=VALUE"),
         "pretrained preset without path": (["x", "--set", "model.preset=flux-dev"], "needs a local directory"),
+        "missing trained weights": (["x", "--weights", str(tmp_path / "run")],
+                                    "model.weights " + str(tmp_path / "run") + ": no such file or folder"),
+        "weights that are not weights": (["x", "--set", f"model.weights={str(tmp_path)!r}"],
+                                         "not a checkpoint (state.json), a final/ folder"),
     }
 
 
@@ -104,7 +134,8 @@ BAD_INPUTS = [
     "missing reference", "directory reference", "not an image", "empty file", "too many references",
     "empty prompt", "unwritable output", "output is a file", "unknown recipe key", "unknown key by --set",
     "unknown preset", "missing recipe", "recipe of another command", "bad size", "size off the grid",
-    "bad flag value", "zero steps", "bad device", "bad override", "pretrained preset without path"]
+    "bad flag value", "zero steps", "bad device", "bad override", "pretrained preset without path",
+    "missing trained weights", "weights that are not weights"]
 
 
 def test_bad_input_table_is_complete(tmp_path):

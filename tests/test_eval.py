@@ -188,6 +188,30 @@ def test_oracle_scores_higher_than_noise_and_compare_reports_the_gap(bench, reci
     assert "id_acc" not in bottom  # the PSRBench-schema copy has no ground truth
 
 
+def test_reconstruct_scores_the_vae_round_trip_of_the_targets_and_resumes(bench, recipe, tmp_path, one_thread,
+                                                                          capsys):
+    # The embedded preset's ToyWorld-trained VAE, at the bench's own 64 px: its reconstructions
+    # are close to the targets (a random VAE would give noise, so this pins encode → decode).
+    out = tmp_path / "rt"
+    extra = ("--set", 'model.preset="embedded"', "--set", "sample.height=64", "--set", "sample.width=64")
+    assert _eval(recipe, bench, out, "--reconstruct", *extra) == 0
+    assert capsys.readouterr().out.startswith("# psr eval: VAE reconstructions of the ground-truth targets")
+    results = _results(out)
+    assert results["mode"] == "reconstruct" and results["generated"] == 2 * len(SUBSETS)
+    for subset in SUBSETS:
+        for item in json.loads((out / f"{subset}.json").read_text()):
+            made = np.asarray(Image.open(out / item["result_path"]).convert("RGB"), np.float32)
+            target = np.asarray(Image.open(bench / item["gt_target_path"]).convert("RGB"), np.float32)
+            assert made.shape == target.shape and np.abs(made - target).mean() < 20
+    assert "id_acc" in results["subsets"]["Three"]["means"]
+    images = _snapshot(out / "images")
+    assert _eval(recipe, bench, out, "--reconstruct", *extra) == 0
+    assert _results(out)["generated"] == 0 and _snapshot(out / "images") == images
+    # Generating into the same folder would mix two kinds of image: refused.
+    assert _eval(recipe, bench, out, *extra) == 2
+    assert "holds images made with another model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such folder"),
     ("empty", "holds no subset files"),
@@ -196,6 +220,8 @@ def test_oracle_scores_higher_than_noise_and_compare_reports_the_gap(bench, reci
     ("limit", "--limit 0: must be >= 1"),
     ("compare", "--compare"),
     ("stamp", "holds images made with another model"),
+    ("two modes", "--oracle and --reconstruct: choose one of them"),
+    ("no targets", "--reconstruct: the bench has no gt_target_path"),
 ])
 def test_bad_input_exits_2_with_one_line(case, message, bench, recipe, tmp_path, capsys):
     folder, extra = tmp_path / "b", []
@@ -209,6 +235,11 @@ def test_bad_input_exits_2_with_one_line(case, message, bench, recipe, tmp_path,
         item = json.loads((bench / "Position.json").read_text())[0]
         del item["category2"]
         (folder / "Position.json").write_text(json.dumps([item]))
+    elif case == "two modes":
+        folder, extra = bench, ["--oracle", "--reconstruct"]
+    elif case == "no targets":
+        _psrbench_schema_bench(bench, folder, lambda k, item: item["gt_target_path"])
+        extra = ["--reconstruct"]
     elif case == "stamp":
         folder = bench
         (tmp_path / "out").mkdir()

@@ -1,6 +1,7 @@
 """The core model against diffusers' own pipelines, and the in-context reference sequence."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -110,6 +111,12 @@ def test_saved_tiny_model_loads_back_as_flux_dev_local_path(tiny_components, tmp
                           np.asarray(original.generate("hello", [], **kwargs)[0]))
     for name, p in tiny_components.transformer.state_dict().items():
         assert torch.equal(p, loaded.transformer.state_dict()[name]), name
+
+    # Saving what was loaded from a folder does not write that folder's path into the copy.
+    save_components(loaded.components, tmp_path / "copy")
+    assert "_name_or_path" in json.dumps(dict(loaded.transformer.config))
+    for config in (tmp_path / "copy").glob("*/config.json"):
+        assert "_name_or_path" not in json.loads(config.read_text()), config
 
 
 def test_pretrained_presets_need_a_path_and_a_flux_folder(tmp_path):

@@ -251,10 +251,12 @@ def test_focusdpo_starts_at_log_2_and_moves_the_lora(gspo_run, data, tmp_path, o
 
 def test_init_merges_a_lora_file_and_an_rl_checkpoint(gspo_run, tiny_components):
     from psr.core.lora import add_lora, save_lora
-    from psr.rl.policy import apply_init
+    from psr.core.model import MultiRefFlux
+    from psr.core.schema import ModelConfig
     from psr.train.checkpoint import load_tensors
     from psr.train.config import AdapterConfig
     from psr.train.export import apply_adapter, load_trainable
+    from psr.train.weights import load_weights
 
     inputs = _inputs()
     tuned = copy.deepcopy(tiny_components.transformer)
@@ -265,10 +267,10 @@ def test_init_merges_a_lora_file_and_an_rl_checkpoint(gspo_run, tiny_components)
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     path = save_lora(tuned, gspo_run[0].parent / "init.safetensors")
     merged = copy.deepcopy(tiny_components.transformer)
-    assert "merged" in apply_init(merged, str(path))
+    assert "merged" in load_weights(merged, str(path), key="init")
     folder = gspo_run[0] / "checkpoints" / "step_000002"
     from_ckpt = copy.deepcopy(tiny_components.transformer)
-    apply_init(from_ckpt, str(folder))
+    load_weights(from_ckpt, str(folder), key="init")
     expected = copy.deepcopy(tiny_components.transformer)
     named = apply_adapter(expected, AdapterConfig(kind="lora", rank=4, dropout=0.1))
     load_trainable(named, load_tensors(folder / "ema.safetensors"), str(folder))
@@ -277,6 +279,12 @@ def test_init_merges_a_lora_file_and_an_rl_checkpoint(gspo_run, tiny_components)
         assert (merged(**inputs)[0] - tuned(**inputs)[0]).abs().max() < 1e-5
         assert (from_ckpt(**inputs)[0] - expected(**inputs)[0]).abs().max() < 1e-5
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    # `model.weights` does the same for any command: here an RL run's checkpoint under a
+    # generator built from the config alone (what psr generate and psr eval load).
+    loaded = MultiRefFlux.from_config(ModelConfig(preset="tiny", device="cpu", dtype="float32",
+                                                 weights=str(folder))).transformer
+    with torch.no_grad():
+        assert (loaded(**inputs)[0] - expected(**inputs)[0]).abs().max() < 1e-5
 
 
 def test_cli_runs_the_flux_kontext_recipe_on_a_tiny_folder(data, tmp_path, tiny_components, capsys, one_thread):

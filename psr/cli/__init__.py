@@ -6,6 +6,7 @@ Bad input (`UserError`, usage errors) prints one line on stderr and exits with c
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated, Optional
 
@@ -22,6 +23,9 @@ app = typer.Typer(
 )
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="TOML recipe (default: built-in).")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    "--weights", help="Trained weights on top of the model: a pretrain/rl checkpoint or final/ folder, or a LoRA "
+                      "file (sets model.weights).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe key: --set sample.steps=8 (value parsed as TOML).")]
 
@@ -48,6 +52,7 @@ def generate(
     size: Annotated[Optional[str], typer.Option(help="N or WIDTHxHEIGHT in pixels.")] = None,
     num_images: Annotated[Optional[int], typer.Option("--num-images", "-n", help="Images to make.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, mps …")] = None,
+    weights: WeightsOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -61,6 +66,8 @@ def generate(
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     if device is not None:
         overrides.append(f"model.device={device!r}")
+    if weights is not None:
+        overrides.append(f"model.weights={json.dumps(weights)}")  # a TOML basic string
     if size is not None:
         overrides += _size_overrides(size)
     written = run_generate(load_recipe("generate", recipe, overrides), prompt, ref or [], out,
@@ -120,10 +127,13 @@ def eval_(
     recipe: RecipeOpt = None,
     score_only: Annotated[bool, typer.Option("--score-only", help="Score the bench's result_path images.")] = False,
     oracle: Annotated[bool, typer.Option("--oracle", help="Score the ground-truth targets (gt_target_path).")] = False,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Score the model VAE's reconstructions of the "
+                                              "ground-truth targets (a generator's ceiling).")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="First N items of each subset.")] = None,
     subsets: Annotated[Optional[str], typer.Option("--subsets", help="Comma-separated subsets, e.g. Position,Three.")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="Another run's results.json: report the gap.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device of the model and the scoring components.")] = None,
+    weights: WeightsOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -134,8 +144,11 @@ def eval_(
     overrides = list(set_ or [])
     if device is not None:
         overrides += [f"model.device={device!r}", f"device={device!r}"]
+    if weights is not None:
+        overrides.append(f"model.weights={json.dumps(weights)}")  # a TOML basic string
     run_eval(load_recipe("eval", recipe, overrides), bench, out, score_only=score_only, oracle=oracle,
-             limit=limit, subsets=parse_subsets(subsets), compare=compare, show_progress=not quiet)
+             reconstruct=reconstruct, limit=limit, subsets=parse_subsets(subsets), compare=compare,
+             show_progress=not quiet)
 
 
 @app.command()

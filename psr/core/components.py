@@ -7,6 +7,7 @@ Kontext checkpoint folder loads unchanged, and `save_components` writes a folder
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,9 @@ def save_components(components: FluxComponents, folder: str | Path) -> None:
     from diffusers import FluxPipeline
 
     FluxPipeline(**components.as_dict()).save_pretrained(str(folder), safe_serialization=True)
+    # diffusers records where a model was loaded from; a saved folder must not carry the
+    # path of the machine that wrote it (nor send a reader looking for it).
+    for config in Path(folder).glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

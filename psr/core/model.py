@@ -89,10 +89,10 @@ class MultiRefFlux:
     @classmethod
     def from_config(cls, config) -> "MultiRefFlux":
         """Build from a resolved `ModelConfig` (preset loaded, device, attention backend)."""
-        from psr.core.presets import PRESETS
+        from psr.core.presets import load_model_components
 
         device = resolve_device(config.device)
-        components = PRESETS[config.preset].load(config)
+        components = load_model_components(config)
         if config.attention_backend:
             try:
                 components.transformer.set_attention_backend(config.attention_backend)

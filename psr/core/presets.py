@@ -74,3 +74,16 @@ PRESETS: dict[str, Preset] = {
         max_sequence_length=512, steps=28, guidance=2.5, token_stride=16,
     ),
 }
+
+
+def load_model_components(config: "ModelConfig") -> "FluxComponents":
+    """The preset's components, with `model.weights` (trained weights) loaded into the
+    transformer when the recipe names them."""
+    if not config.weights:
+        return PRESETS[config.preset].load(config)
+    from psr.train.weights import load_weights, weights_kind
+
+    weights_kind(config.weights)  # a wrong path fails before the model loads
+    components = PRESETS[config.preset].load(config)
+    load_weights(components.transformer, config.weights)
+    return components

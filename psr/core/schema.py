@@ -23,6 +23,9 @@ class ModelConfig:
     """A name from the preset table: embedded, tiny, flux-dev, flux-kontext."""
     path: str | None = None
     """Hub id or local directory in diffusers' FLUX layout (flux-dev, flux-kontext, embedded)."""
+    weights: str | None = None
+    """Trained transformer weights on top of the preset's: a `psr pretrain` / `psr rl`
+    checkpoint or final/ folder, or a LoRA file (a LoRA is merged; see psr.train.weights)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Weights and activations dtype; None takes the preset's."""
     device: str = "auto"
@@ -49,6 +52,8 @@ class ModelConfig:
                  f"unknown preset {self.preset!r}{_suggest(self.preset, PRESETS)}; "
                  f"choose one of {', '.join(PRESETS)}")
         _require(self.max_references >= 0, "max_references", "must be >= 0")
+        _require(self.weights is None or bool(self.weights.strip()), "weights",
+                 "must name a folder or file (or leave it out)")
         _require(self.reference_size is None or self.reference_size >= 16, "reference_size", "must be >= 16")
         _require(self.max_sequence_length is None or self.max_sequence_length >= 1,
                  "max_sequence_length", "must be >= 1")

@@ -18,6 +18,7 @@ from psr.eval.bench import Item
 from psr.eval.scoring import failure_reason  # re-raises out-of-memory errors
 
 if TYPE_CHECKING:
+    from psr.eval.bench import Bench
     from psr.eval.config import EvalRecipe
 
 # What generating one item may raise without the run being wrong as a whole (an odd
@@ -90,4 +91,47 @@ def generate_missing(recipe: "EvalRecipe", out: Path, items: Sequence[Item], sho
                     write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
                     written += 1
             bar.update(len(job.seeds))
+    return written, failures
+
+
+def reconstruct_missing(recipe: "EvalRecipe", out: Path, bench: "Bench", items: Sequence[Item],
+                        show_progress: bool = True) -> tuple[int, dict[tuple[str, int, int], str]]:
+    """Write the model VAE's reconstruction (encode, then decode) of every item's ground-truth
+    target where it is missing, at the recipe's sample size; returns what `generate_missing`
+    returns. Scored like model outputs, these are the ceiling of any generator that draws in
+    this VAE's latent space: details the VAE cannot keep, no transformer can put back."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from psr.core import images as imgs
+    from psr.core.model import MultiRefFlux
+    from psr.core.packing import pack
+    from psr.eval.perception import UnreadableImage, open_picture
+
+    todo = [item for item in items if not output_path(out, item, 0, 1).is_file()]
+    failures: dict[tuple[str, int, int], str] = {}
+    if not todo:
+        return 0, failures
+    model = MultiRefFlux.from_config(recipe.model)
+    height, width = recipe.sample.height, recipe.sample.width
+    model.check_size(height, width)
+    written = 0
+    with tqdm(total=len(todo), desc="reconstruct", unit="image", disable=not show_progress, file=sys.stderr) as bar:
+        for item in todo:
+            path = output_path(out, item, 0, 1)
+            try:
+                if "gt_target_path" not in item.data:
+                    raise UnreadableImage(path, "item has no gt_target_path")
+                target = open_picture(bench.resolve(item.data["gt_target_path"]), "ground-truth target").image
+                if target.size != (width, height):  # the size the model would have drawn
+                    target = target.resize((width, height), resample=Image.LANCZOS)
+                latents = pack(model.encode_images(imgs.to_tensor(target)))
+                [image] = imgs.to_pil(model.decode(latents, height, width))
+            except UnreadableImage as err:
+                failures[(item.subset, item.index, 0)] = err.reason
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+                written += 1
+            bar.update(1)
     return written, failures

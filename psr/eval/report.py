@@ -125,7 +125,8 @@ def markdown(results: dict) -> str:
     """The whole summary: title, main table, comparison, failures."""
     mode = results["mode"]
     title = {"generate": "model outputs", "score-only": "existing result_path images",
-             "oracle": "ground-truth targets (oracle)"}[mode]
+             "oracle": "ground-truth targets (oracle)",
+             "reconstruct": "VAE reconstructions of the ground-truth targets"}[mode]
     lines = [f"# psr eval: {title}", "", f"bench: `{results['bench']}`", ""]
     lines += [markdown_table(results), ""]
     if comparison := results.get("compare"):

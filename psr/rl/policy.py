@@ -1,5 +1,4 @@
-"""The policy: the multi-reference model's velocity with or without its adapter, and the
-starting point of a run (`init`).
+"""The policy: the multi-reference model's velocity with or without its adapter.
 
 `Policy.velocity` runs the transformer on `[text | latents | ref_1 … ref_N]` (the sequence
 of `MultiRefFlux.velocity`) and returns the target tokens' velocity. With `grad=True` the
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from psr.core.model import MultiRefFlux, PromptEmbeds, References
 from psr.core.positions import grid_ids
-from psr.errors import UserError
 
 
 @dataclass
@@ -132,95 +129,3 @@ class Policy:
                          encoder_hidden_states=cond.text.embeds.to(hidden.dtype), txt_ids=cond.text.ids,
                          img_ids=ids, return_dict=False)[0]
         return out[:, :length]
-
-
-# ---------------------------------------------------------------------------- init
-def _merge_lora_file(transformer, path: Path, where: str) -> str:
-    from psr.core.lora import load_lora, merge_lora
-
-    try:
-        load_lora(transformer, path)
-        merge_lora(transformer)
-    except UserError as err:
-        raise UserError(f"init {where}: {err}") from None
-    return f"LoRA {path.name} merged"
-
-
-def _full_weights(transformer, tensors: dict[str, torch.Tensor], where: str) -> str:
-    own = transformer.state_dict()
-    missing = [k for k in own if k not in tensors]
-    if missing:
-        raise UserError(f"init {where}: has no weight {missing[0]!r} ({len(missing)} missing); it was made for "
-                        "another architecture")
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(tensors[name])
-    return "full weights loaded"
-
-
-def _from_checkpoint(transformer, folder: Path, use_ema: bool = True) -> str:
-    from psr.core.recipe import read_toml
-    from psr.core.schema import load_recipe
-    from psr.train.checkpoint import load_tensors
-    from psr.train.export import apply_adapter, load_trainable
-
-    kind = read_toml(folder / "recipe.toml").get("command")
-    if kind not in ("pretrain", "rl"):
-        raise UserError(f"init {folder}: a checkpoint of `psr {kind}`; give a pretrain or rl checkpoint")
-    adapter = load_recipe(kind, str(folder / "recipe.toml")).adapter
-    weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file()
-                        else "trainable.safetensors")
-    tensors = load_tensors(weights)
-    if adapter.kind == "none":
-        return _full_weights(transformer, tensors, str(folder)) + f" ({weights.name})"
-    if adapter.kind == "moe_lora":
-        raise UserError(f"init {folder}: MoE-LoRA experts cannot be merged into the base weights, so they cannot "
-                        "be the reference policy of a new adapter; start from a LoRA or full fine-tune")
-    from psr.core.lora import merge_lora
-
-    dtype = transformer.dtype
-    named = apply_adapter(transformer, adapter)
-    load_trainable(named, tensors, str(folder))
-    try:
-        merge_lora(transformer)
-    except UserError as err:
-        raise UserError(f"init {folder}: {err}") from None
-    transformer.to(dtype)
-    return f"LoRA of {folder.name} merged ({weights.name})"
-
-
-def apply_init(transformer, init: str) -> str:
-    """Load the starting weights named by the recipe's `init` into `transformer` (before
-    any adapter is added); returns what was done, for the log.
-
-    A LoRA (file, final/ folder or checkpoint) is merged into the base weights; full weights
-    (a full fine-tune's checkpoint or final/ folder) replace them. MoE-LoRA cannot be merged
-    and is refused.
-    """
-    from psr.train.checkpoint import STATE
-    from psr.train.export import LORA_FILE, MOE_FILE
-
-    path = Path(init).expanduser()
-    if not path.exists():
-        raise UserError(f"init {init}: no such file or folder")
-    if path.is_file() or (path / STATE).is_file() or (path / LORA_FILE).is_file():
-        if path.is_file() or (path / LORA_FILE).is_file():
-            note = _merge_lora_file(transformer, path if path.is_file() else path / LORA_FILE, init)
-        else:
-            note = _from_checkpoint(transformer, path)
-        if not getattr(transformer, "peft_config", True):
-            del transformer.peft_config  # merged away: the run's own adapter is the only one
-        return note
-    if (path / MOE_FILE).is_file():
-        raise UserError(f"init {init}: MoE-LoRA experts cannot be merged into the base weights; start from a LoRA "
-                        "or a full fine-tune")
-    files = sorted((path / "transformer").glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        tensors = {}
-        for file in files:
-            tensors.update(load_file(str(file)))
-        return _full_weights(transformer, tensors, init)
-    raise UserError(f"init {init}: not a checkpoint (state.json), a final/ folder (LoRA file or transformer/) "
-                    "or a LoRA file")

@@ -150,7 +150,7 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     """
     import dataclasses
 
-    from psr.core.presets import PRESETS
+    from psr.core.presets import load_model_components
     from psr.core.schema import load_recipe
     from psr.train.checkpoint import STATE, load_tensors, read_state
     from psr.train.config import resolve_pretrain
@@ -170,7 +170,7 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     state = read_state(folder)
     weights = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "trainable.safetensors"
     config = dataclasses.replace(recipe.model, device="cpu")
-    components = PRESETS[config.preset].load(config)
+    components = load_model_components(config)  # the base the run trained on
     named = apply_adapter(components.transformer, recipe.adapter)
     load_trainable(named, load_tensors(folder / weights), str(folder))
     from psr.core.components import torch_dtype

@@ -8,7 +8,9 @@ kept, cached perception is reused, so a killed run picks up where it stopped and
 finished one reruns without generating or computing anything.
 
 Modes: default (generate, then score), `score_only` (score the bench's own `result_path`
-images), `oracle` (score the ground-truth targets `gt_target_path`: the top of each scale).
+images), `oracle` (score the ground-truth targets `gt_target_path`: the top of each scale),
+`reconstruct` (score the model VAE's reconstructions of those targets: the top any generator
+drawing in that latent space can reach).
 """
 
 from __future__ import annotations
@@ -28,27 +30,34 @@ from psr.eval.config import EvalRecipe, resolve_eval
 
 
 def _weights_fingerprint(path: str | None) -> list:
-    """Name, size and mtime of every file of a local weights folder (so replaced weights
-    under the same path count as another model); [] for a hub id or no path."""
-    folder = Path(path).expanduser() if path else None
-    if folder is None or not folder.is_dir():
+    """Name, size and mtime of a local weights file or of every file of a local folder (so
+    replaced weights under the same path count as another model); [] for a hub id or none."""
+    where = Path(path).expanduser() if path else None
+    if where is not None and where.is_file():
+        return [[where.name, where.stat().st_size, where.stat().st_mtime_ns]]
+    if where is None or not where.is_dir():
         return []
-    return [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [[p.relative_to(where).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(where.rglob("*")) if p.is_file()]
 
 
-def _generator_hash(recipe: EvalRecipe) -> str:
+def _generator_hash(recipe: EvalRecipe, mode: str) -> str:
     """What decides the output pixels (not where or how fast they are made)."""
     model = dataclasses.replace(recipe.model, device="auto", cpu_offload=False, attention_backend=None)
-    text = json.dumps({"model": dataclasses.asdict(model), "sample": dataclasses.asdict(recipe.sample),
-                       "seeds_per_item": recipe.seeds_per_item,
-                       "weights": _weights_fingerprint(recipe.model.path)}, sort_keys=True)
+    what = {"model": dataclasses.asdict(model), "weights": _weights_fingerprint(recipe.model.path)}
+    if recipe.model.weights:
+        what["trained_weights"] = _weights_fingerprint(recipe.model.weights)
+    if mode == "reconstruct":  # only the VAE and the size matter
+        what.update(reconstruct=[recipe.sample.height, recipe.sample.width])
+    else:
+        what.update(sample=dataclasses.asdict(recipe.sample), seeds_per_item=recipe.seeds_per_item)
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _check_same_generator(out: Path, recipe: EvalRecipe) -> None:
+def _check_same_generator(out: Path, recipe: EvalRecipe, mode: str) -> None:
     stamp = out / "eval.json"
-    digest = _generator_hash(recipe)
+    digest = _generator_hash(recipe, mode)
     if stamp.is_file():
         previous = json.loads(stamp.read_text()).get("generator")
         if previous != digest:
@@ -65,8 +74,8 @@ def _samples(mode: str, bench: Bench, items: Sequence[Item], out: Path, recipe: 
 
     samples, result_paths = [], {}
     for item in items:
-        if mode == "generate":
-            n = recipe.seeds_per_item
+        if mode in ("generate", "reconstruct"):
+            n = recipe.seeds_per_item if mode == "generate" else 1
             for k in range(n):
                 path = output_path(out, item, k, n)
                 shown = path.relative_to(out).as_posix()
@@ -92,8 +101,8 @@ def _check_inputs(mode: str, recipe: EvalRecipe, items: Sequence[Item]) -> None:
 
     if not items:
         raise UserError("bench: the chosen subsets hold no items")
-    if mode == "oracle" and not any("gt_target_path" in it.data for it in items):
-        raise UserError("--oracle: the bench has no gt_target_path (only ToyWorld benches from psr synth do)")
+    if mode in ("oracle", "reconstruct") and not any("gt_target_path" in it.data for it in items):
+        raise UserError(f"--{mode}: the bench has no gt_target_path (only ToyWorld benches from psr synth do)")
     if mode == "score-only" and not any("result_path" in it.data for it in items):
         raise UserError("--score-only: the bench items have no result_path; run without --score-only to "
                         "generate them")
@@ -103,6 +112,7 @@ def _check_inputs(mode: str, recipe: EvalRecipe, items: Sequence[Item]) -> None:
             if len(it.references) > limit:
                 raise UserError(f"bench {it.where}: {len(it.references)} references, but this recipe allows at "
                                 f"most {limit} (model.max_references)")
+    if mode in ("generate", "reconstruct"):
         stride = PRESETS[recipe.model.preset].token_stride
         for name, value in (("height", recipe.sample.height), ("width", recipe.sample.width)):
             if value % stride:
@@ -120,17 +130,21 @@ def parse_subsets(text: str | None) -> list[str]:
 
 
 def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bool = False, oracle: bool = False,
-             limit: int | None = None, subsets: Sequence[str] = (), compare: str | None = None,
-             show_progress: bool = True) -> dict:
+             reconstruct: bool = False, limit: int | None = None, subsets: Sequence[str] = (),
+             compare: str | None = None, show_progress: bool = True) -> dict:
     """Evaluate and write OUT; returns the results dict written to OUT/results.json."""
     from psr.eval import report
 
+    chosen_modes = [flag for flag, on in (("--score-only", score_only), ("--oracle", oracle),
+                                          ("--reconstruct", reconstruct)) if on]
+    if len(chosen_modes) > 1:
+        raise UserError(f"{' and '.join(chosen_modes)}: choose one of them")
     recipe = resolve_eval(recipe)
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be >= 1")
     bench = load_bench(bench_dir, list(subsets) or list(recipe.subsets))
     other = report.read_results(compare) if compare else None
-    mode = "oracle" if oracle else "score-only" if score_only else "generate"
+    mode = "oracle" if oracle else "score-only" if score_only else "reconstruct" if reconstruct else "generate"
     chosen = {name: items[:limit] for name, items in bench.subsets.items()}
     items = [it for its in chosen.values() for it in its]
     _check_inputs(mode, recipe, items)
@@ -143,8 +157,13 @@ def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bo
     if mode == "generate":
         from psr.eval.generation import generate_missing
 
-        _check_same_generator(out, recipe)
+        _check_same_generator(out, recipe, mode)
         generated, gen_failures = generate_missing(recipe, out, items, show_progress)
+    elif mode == "reconstruct":
+        from psr.eval.generation import reconstruct_missing
+
+        _check_same_generator(out, recipe, mode)
+        generated, gen_failures = reconstruct_missing(recipe, out, bench, items, show_progress)
     samples, result_paths = _samples(mode, bench, items, out, recipe, gen_failures)
     for name in chosen:
         data = with_result_paths(bench, name, result_paths.get(name, {}))

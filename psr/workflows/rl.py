@@ -97,15 +97,16 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
                         f"{accelerator.num_processes}; prompts are split by process, so resume with the same number")
 
     from psr.core.model import MultiRefFlux
-    from psr.rl.policy import Policy, apply_init
+    from psr.rl.policy import Policy
     from psr.train import optim
     from psr.train.export import apply_adapter, load_trainable
+    from psr.train.weights import load_weights
 
     model = MultiRefFlux.from_config(dataclasses.replace(recipe.model, device=str(device)))
     for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
         frozen.requires_grad_(False).eval()
     transformer = model.transformer
-    init_note = apply_init(transformer, recipe.init) if recipe.init else None
+    init_note = load_weights(transformer, recipe.init, key="init") if recipe.init else None
     set_seed(recipe.train.seed)  # adapter initialisation; every draw of a step has its own generator
     named = apply_adapter(transformer, recipe.adapter)
     transformer.to(device).train()
