@@ -287,6 +287,17 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(toy_data, tm
     assert "step 3: loss term 'diffusion' is nan" in err and "step_000002" in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
     monkeypatch.setattr(obj, "flow_matching_loss", real)
+    # The suggested way to change the recipe: a new run from the checkpoint's (EMA) weights.
+    suggested = err.split("--set ")[-1].rstrip(")")
+    assert suggested == f"model.weights={str(out / 'checkpoints' / 'step_000002')!r}"
+    fresh = tmp_path / "fresh"
+    restart = [*argv[:4], str(fresh), *argv[5:], "--set", suggested, "--set", "train.lr=1e-12",
+               "--set", "train.steps=2"]
+    assert main(restart) == 0
+    kept = ckpt.load_tensors(out / "checkpoints" / "step_000002" / "ema.safetensors")
+    started = ckpt.load_tensors(fresh / "checkpoints" / "step_000002" / "trainable.safetensors")
+    assert kept.keys() == started.keys()
+    assert max((kept[k] - started[k]).abs().max().item() for k in kept) < 1e-6   # lr 1e-12: it stayed put
     assert main([*argv, "--resume"]) == 0                      # the kept checkpoint resumes
     assert ckpt.read_state(out / "checkpoints" / "step_000004")["step"] == 4
 

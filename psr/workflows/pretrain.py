@@ -281,8 +281,10 @@ def _check_finite(run: Run, step: int, terms: dict[str, float]) -> dict[str, flo
     for name, value in averaged.items():
         if not math.isfinite(value):
             latest = ckpt.latest_checkpoint(run.out / "checkpoints")
-            where = f"the last good checkpoint is {latest} (continue from it with --resume, e.g. with a lower " \
-                    f"train.lr)" if latest else "no checkpoint was written yet"
+            # --resume only continues the same recipe; other settings start a new run from its weights
+            where = f"the last good checkpoint is {latest} (--resume retries the same recipe; to change it, e.g. a " \
+                    f"lower train.lr, start a new run with --set model.weights={str(latest)!r})" \
+                if latest else "no checkpoint was written yet"
             raise TrainingError(f"step {step}: loss term {name!r} is {value}; stopped before updating the "
                                 f"weights; {where}")
     return averaged
