@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from psr.eval.report import SUBJECT_GROUPS, group_means, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 PSR = [sys.executable, "-m", "psr"]
@@ -34,9 +35,6 @@ def variants(steps: int) -> dict[str, list[dict]]:
     return {"none": [], "idar": [idar], "mosaic_align+sep": [align, sep], "all": [idar, align, sep]}
 
 
-# Subsets of the bench by subject count (recipes/bench-toy.toml).
-GROUPS = {"2 subjects": ["Attribute", "Action", "Background", "Position", "Complex"],
-          "3 subjects": ["Three"], "4 subjects": ["Four"]}
 METRICS = {"id_acc": "id acc", "leakage": "leakage"}
 
 
@@ -77,21 +75,6 @@ def train_and_eval(args, name: str, regs: list[dict], seed: int) -> dict:
     return json.loads((eval_dir / "results.json").read_text())
 
 
-def group_means(results: dict) -> dict[str, dict[str, float]]:
-    """{group: {metric: mean over the group's subset means}}."""
-    out = {}
-    for group, names in GROUPS.items():
-        rows = [results["subsets"][n]["means"] for n in names if n in results["subsets"]]
-        out[group] = {m: statistics.fmean(r.get(m, 0.0) for r in rows) for m in METRICS if rows}
-    return out
-
-
-def spread(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (same for every row)")
@@ -115,14 +98,14 @@ def main() -> None:
 
     per_variant = {}
     for name in chosen:
-        per_seed = [group_means(train_and_eval(args, name, table[name], seed)) for seed in seeds]
+        per_seed = [group_means(train_and_eval(args, name, table[name], seed), list(METRICS)) for seed in seeds]
         per_variant[name] = per_seed
 
-    header = "| regularizers | " + " | ".join(f"{m} {g[0]}" for g in GROUPS for m in METRICS.values()) + " |"
+    header = "| regularizers | " + " | ".join(f"{m} {g[0]}" for g in SUBJECT_GROUPS for m in METRICS.values()) + " |"
     lines = [f"Steps per run: {args.steps}; seeds: {', '.join(map(str, seeds))}; mean ± std over seeds.", "",
-             header, "|" + "---|" * (1 + len(GROUPS) * len(METRICS))]
+             header, "|" + "---|" * (1 + len(SUBJECT_GROUPS) * len(METRICS))]
     for name, per_seed in per_variant.items():
-        cells = [spread([s[g][m] for s in per_seed]) for g in GROUPS for m in METRICS]
+        cells = [mean_spread([s[g][m] for s in per_seed]) for g in SUBJECT_GROUPS for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

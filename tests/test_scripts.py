@@ -40,14 +40,20 @@ def test_every_evidence_row_is_a_valid_pretrain_recipe_with_its_regularizers(evi
     assert (sep["warmup_start"], sep["warmup_end"]) == (300, 600)  # ramps in over the second quarter
 
 
-def test_group_means_average_the_subsets_of_each_subject_count(evidence):
+def test_group_means_average_the_subsets_of_each_subject_count():
+    from psr.eval.report import group_means, mean_spread
+
     subsets = {name: {"means": {"id_acc": i / 10, "leakage": -i / 10}}
                for i, name in enumerate(["Attribute", "Action", "Background", "Position", "Complex", "Three", "Four"])}
-    groups = evidence.group_means({"subsets": subsets})
-    assert groups["2 subjects"] == {"id_acc": pytest.approx(0.2), "leakage": pytest.approx(-0.2)}
-    assert groups["3 subjects"]["id_acc"] == pytest.approx(0.5) and groups["4 subjects"]["id_acc"] == pytest.approx(0.6)
-    assert evidence.spread([0.5, 0.7]) == f"0.600 ± {statistics.stdev([0.5, 0.7]):.3f}"
-    assert evidence.spread([0.5]) == "0.500"
+    subsets["Position"]["means"]["pos_exact"] = 0.9  # only some subsets have a metric: their mean
+    groups = group_means({"subsets": subsets}, ["id_acc", "leakage", "pos_exact"])
+    assert groups["2 subjects"] == {"id_acc": pytest.approx(0.2), "leakage": pytest.approx(-0.2),
+                                    "pos_exact": pytest.approx(0.9)}
+    assert groups["3 subjects"] == {"id_acc": pytest.approx(0.5), "leakage": pytest.approx(-0.5)}
+    assert groups["4 subjects"]["id_acc"] == pytest.approx(0.6)
+    assert "3 subjects" not in group_means({"subsets": {"Four": subsets["Four"]}}, ["id_acc"])
+    assert mean_spread([0.5, 0.7]) == f"0.600 ± {statistics.stdev([0.5, 0.7]):.3f}"
+    assert mean_spread([0.5]) == "0.500"
 
 
 def test_unknown_variant_is_one_line_and_exit_2():
@@ -55,3 +61,34 @@ def test_unknown_variant_is_one_line_and_exit_2():
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "regularizer_evidence: unknown variant 'idr'; choose from none, idar, mosaic_align+sep, all"]
+
+
+@pytest.fixture(scope="module")
+def before_after():
+    return _script("rl_before_after")
+
+
+def test_every_rl_row_is_a_valid_rl_recipe_with_the_seed(before_after):
+    for name in before_after.RECIPES:
+        recipe = load_recipe("rl", str(ROOT / "recipes" / f"{name}.toml"), ["train.seed=2", "train.steps=10"])
+        assert recipe.train.seed == 2 and recipe.train.steps == 10
+        assert recipe.model.preset == "embedded"  # every row starts where "before" is measured
+
+
+def test_before_after_table_reports_the_gain_against_the_seed_spread(before_after):
+    before = {"cons_hungarian": 0.50, "id_acc": 0.40, "pos_exact": 0.7, "scene_ok": 1.0, "attr_ok": 0.9}
+    up = [dict(before, cons_hungarian=c) for c in (0.60, 0.62, 0.58)]     # +0.10 ± 0.02: a real gain
+    noisy = [dict(before, cons_hungarian=c) for c in (0.40, 0.70, 0.55)]  # +0.05 ± 0.15: within the spread
+    lines = before_after.table(before, {"gspo-toy": up, "grpo-toy": noisy}).splitlines()
+    assert lines[2] == "| before | 0.500 | 0.400 | 0.700 | 1.000 | 0.900 | – | – |"
+    assert lines[3].startswith("| gspo-toy | 0.600 ± 0.020 | 0.400 ± 0.000 |")
+    assert lines[3].endswith(f"| {0.1:.3f} ± {statistics.stdev([0.1, 0.12, 0.08]):.3f} | yes |")
+    assert lines[4].endswith(f"| {0.05:.3f} ± {statistics.stdev([-0.1, 0.2, 0.05]):.3f} | no |")
+    assert before_after.table(before, {"focusdpo-toy": up[:1]}).splitlines()[3].endswith("| one seed |")
+
+
+def test_unknown_rl_recipe_is_one_line_and_exit_2():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "rl_before_after.py"), "--recipes", "gspo"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "rl_before_after: unknown recipe 'gspo'; choose from gspo-toy, grpo-toy, focusdpo-toy"]

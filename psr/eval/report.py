@@ -154,3 +154,34 @@ def markdown(results: dict) -> str:
     if len(failures) > 20:
         lines.append(f"- … {len(failures) - 20} more in results.json")
     return "\n".join(lines) + "\n"
+
+
+# ToyWorld's bench (recipes/bench-toy.toml) by subject count: experiment tables report these
+# groups, each the mean of its subsets' means.
+SUBJECT_GROUPS = {"2 subjects": ("Attribute", "Action", "Background", "Position", "Complex"),
+                  "3 subjects": ("Three",), "4 subjects": ("Four",)}
+
+
+def group_means(results: dict, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{group: {metric: mean over the group's subsets that have it}} from a results dict;
+    a group none of whose subsets was scored is left out."""
+    out = {}
+    for group, names in SUBJECT_GROUPS.items():
+        rows = [results["subsets"][n]["means"] for n in names if n in results["subsets"]]
+        means = {}
+        for metric in metrics:
+            values = [r[metric] for r in rows if metric in r]
+            if values:
+                means[metric] = sum(values) / len(values)
+        if means:
+            out[group] = means
+    return out
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """"mean ± sample std" over seeds (just the value for one seed)."""
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
