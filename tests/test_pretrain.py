@@ -344,3 +344,26 @@ def test_model_card_keeps_the_base_architecture_facts(tmp_path):
                     "sizes": {"num_layers": 6}, "parameters": {"vae": 1}}
     assert _model_card(1, "", False, "lora", None)["note"] == "psr pretrain (LoRA), step 1"
     assert "architecture" not in _model_card(1, "", False, "none", str(tmp_path / "missing"))
+
+
+def test_weights_kind_reads_what_a_source_is_from_its_file_names(tmp_path):
+    from psr.train.export import LORA_FILE, MOE_FILE
+    from psr.train.weights import weights_kind
+
+    def folder(name, *files):
+        path = tmp_path / name
+        for f in files:
+            (path / f).parent.mkdir(parents=True, exist_ok=True)
+            (path / f).write_bytes(b"")
+        return str(path)
+
+    assert weights_kind(folder("a", "x.safetensors") + "/x.safetensors") == "lora file"
+    assert weights_kind(folder("b", LORA_FILE, "psr_lora.json")) == "lora file"
+    assert weights_kind(folder("c", "state.json", "trainable.safetensors")) == "checkpoint"
+    assert weights_kind(folder("d", "transformer/diffusion_pytorch_model.safetensors")) == "full weights"
+    for source, message in [(folder("e", MOE_FILE), "MoE-LoRA experts cannot be merged"),
+                             (folder("f", "notes.txt"), r"not a checkpoint \(state\.json\)"),
+                             (str(tmp_path / "none"), "no such file or folder")]:
+        with pytest.raises(UserError, match=message) as err:
+            weights_kind(source, key="init")
+        assert str(err.value).startswith(f"init {source}: ")
