@@ -298,6 +298,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(toy_data, tm
     started = ckpt.load_tensors(fresh / "checkpoints" / "step_000002" / "trainable.safetensors")
     assert kept.keys() == started.keys()
     assert max((kept[k] - started[k]).abs().max().item() for k in kept) < 1e-6   # lr 1e-12: it stayed put
+    card = json.loads((fresh / "final" / "psr_model.json").read_text())
+    assert card["started_from"] == str(out / "checkpoints" / "step_000002") and card["step"] == 2
     assert main([*argv, "--resume"]) == 0                      # the kept checkpoint resumes
     assert ckpt.read_state(out / "checkpoints" / "step_000004")["step"] == 4
 

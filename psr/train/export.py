@@ -64,10 +64,14 @@ def load_trainable(named: list[tuple[str, torch.nn.Parameter]], tensors: dict[st
 INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters")
 
 
-def _model_card(step: int, recipe_hash: str, ema: bool, kind: str, base_path: str | None) -> dict:
+def _model_card(step: int, recipe_hash: str, ema: bool, kind: str, base_path: str | None,
+                started_from: str | None = None) -> dict:
     what = {"none": "full fine-tune", "lora": "LoRA", "moe_lora": "MoE-LoRA"}[kind]
     card = {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
             "recipe_hash": recipe_hash, "ema": ema}
+    if started_from:  # `step` counts this run only; the weights it started from come first
+        card["started_from"] = started_from
+        card["note"] += f" of a run started from {started_from}"
     base = Path(base_path) / "psr_model.json" if base_path else None
     if base is not None and base.is_file():
         import json
@@ -120,7 +124,8 @@ def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash
     """The end-of-run export from the live model (EMA weights swapped in when on)."""
     import contextlib
 
-    card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind, recipe.model.path)
+    card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind, recipe.model.path,
+                       recipe.model.weights)
     with ema.applied() if ema is not None else contextlib.nullcontext():
         if recipe.adapter.kind == "none":
             # Saved in the model's dtype, like the checkpoint it came from.
@@ -178,7 +183,7 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     if components.transformer.dtype != torch_dtype(recipe.model.dtype):
         components.transformer.to(torch_dtype(recipe.model.dtype))
     card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind,
-                       recipe.model.path)
+                       recipe.model.path, recipe.model.weights)
     card["merged"] = bool(merge)
     if dtype is not None:
         card["dtype"] = dtype
