@@ -44,7 +44,10 @@ def _weights_fingerprint(path: str | None) -> list:
 def _generator_hash(recipe: EvalRecipe, mode: str) -> str:
     """What decides the output pixels (not where or how fast they are made)."""
     model = dataclasses.replace(recipe.model, device="auto", cpu_offload=False, attention_backend=None)
-    what = {"model": dataclasses.asdict(model), "weights": _weights_fingerprint(recipe.model.path)}
+    fields = dataclasses.asdict(model)
+    if fields["weights"] is None:  # runs made before `model.weights` existed keep their hash
+        del fields["weights"]
+    what = {"model": fields, "weights": _weights_fingerprint(recipe.model.path)}
     if recipe.model.weights:
         what["trained_weights"] = _weights_fingerprint(recipe.model.weights)
     if mode == "reconstruct":  # only the VAE and the size matter
