@@ -369,3 +369,15 @@ def test_weights_kind_reads_what_a_source_is_from_its_file_names(tmp_path):
         with pytest.raises(UserError, match=message) as err:
             weights_kind(source, key="init")
         assert str(err.value).startswith(f"init {source}: ")
+
+
+def test_recipe_hashes_of_the_default_recipes_are_pinned():
+    # A checkpoint stores this hash and `--resume` compares it: a change to the schema that
+    # moves it (a new key counted at its default) would strand every run already written.
+    from psr.rl.config import OPERATIONAL as RL_OPERATIONAL
+    from psr.train.config import training_hash
+
+    assert training_hash(load_recipe("pretrain", None, [])) == "79718b6117abcc3b"
+    assert training_hash(load_recipe("rl", None, []), RL_OPERATIONAL) == "ae62ef1a92f58def"
+    # A key set away from its default does count.
+    assert training_hash(load_recipe("pretrain", None, ['model.weights="runs/x/final"'])) != "79718b6117abcc3b"

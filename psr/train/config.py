@@ -280,11 +280,18 @@ OPERATIONAL = ("out", "train.steps", "logging", "checkpoint", "samples", "data.n
                "model.device", "model.cpu_offload", "model.attention_backend")
 
 
+# Keys added after runs were already written, with the default that means "as before": at
+# that default they are left out of the hash, so those runs still resume (`--resume`).
+ADDED_KEYS = {"model.weights": None}
+
+
 def _flat(data: dict, prefix: str = "", operational: tuple[str, ...] = OPERATIONAL) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if any(path == k or path.startswith(k + ".") for k in operational):
+            continue
+        if path in ADDED_KEYS and value == ADDED_KEYS[path]:
             continue
         if isinstance(value, dict):
             out.update(_flat(value, path + ".", operational))
@@ -307,7 +314,8 @@ def recipe_difference(old: PretrainRecipe, new: PretrainRecipe, operational: tup
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             return f"{key} ({a.get(key)!r} in the checkpoint, {b.get(key)!r} now)"
-    return "unknown key"
+    # Every key agrees, so the hash itself was computed differently: another psr version.
+    return "no key (the checkpoint was written by a psr version that hashes recipes differently)"
 
 
 # Imported last: psr.core.schema registers PretrainRecipe and so imports this module.
