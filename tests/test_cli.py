@@ -9,6 +9,8 @@ from PIL import Image
 
 from psr.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture()
 def refs(tmp_path):
@@ -174,3 +176,15 @@ def test_presets_lists_every_preset(capsys):
 
     code, stdout, _ = _run(capsys, "presets")
     assert code == 0 and [line.split()[0] for line in stdout.splitlines()] == list(PRESETS)
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    # Typer turns a KeyboardInterrupt into an exit code it returns (not raises) outside
+    # standalone mode; a long job stopped by Ctrl-C must not report success.
+    import psr.fit.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(psr.fit.loop, "run_fit", interrupted)
+    assert main(["fit", "--recipe", str(ROOT / "recipes" / "fit-toy-vae.toml"), "--out", str(tmp_path / "vae")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "psr: interrupted"

@@ -111,6 +111,19 @@ def test_dropout_events_are_exclusive_with_the_given_rates():
     assert obj.dropout_choices(torch.Generator().manual_seed(0), 5, 0, 0, 0) == ([False] * 5, [False] * 5)
 
 
+@pytest.mark.parametrize("subject_weight, expected", [(1.0, 5.0), (3.0, 3.0), (0.5, 19 / 3)])
+def test_subject_weight_is_a_weighted_mean_over_tokens(subject_weight, expected):
+    # Two tokens of two channels: the subject token errs by 1 per channel (e = 1), the
+    # background token by 3 (e = 9); the loss is (w·1 + 1·9) / (w + 1).
+    pred = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 1.0], [3.0, 3.0]]])
+    weights = obj.subject_token_weights(torch.tensor([[1, 0]]), subject_weight)
+    assert (weights is None) == (subject_weight == 1.0)
+    assert obj.flow_matching_loss(pred, target, weights).item() == pytest.approx(expected)
+    # Weights of one value are the plain mean, whatever the value.
+    assert obj.flow_matching_loss(pred, target, torch.full((1, 2), 7.0)).item() == pytest.approx(5.0)
+
+
 @pytest.mark.parametrize("step, schedule, expected", [
     (0, "constant", 0.25), (3, "constant", 1.0), (9, "constant", 1.0),
     (4, "cosine", 1.0), (7, "cosine", 0.5), (10, "cosine", 0.0),
@@ -131,6 +144,7 @@ def test_learning_rate_schedule(step, schedule, expected):
     (["regularizers=[{name='idr'}]"], "did you mean 'idar'"),
     (["train.drop_text=0.5", "train.drop_refs=0.4", "train.drop_both=0.2"], "must be <= 1"),
     (["train.steps=0"], "train.steps: must be >= 1"),
+    (["train.subject_weight=0"], "train.subject_weight: must be a finite number > 0"),
     (["data.max_references=9"], "must be <= model.max_references"),
 ])
 def test_recipe_rejects_bad_values_with_a_hint(overrides, message):
@@ -273,9 +287,9 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(toy_data, tm
     calls = {"n": 0}
     real = obj.flow_matching_loss
 
-    def poisoned(pred, target):
+    def poisoned(pred, target, weights=None):
         calls["n"] += 1
-        loss = real(pred, target)
+        loss = real(pred, target, weights)
         return loss * float("nan") if calls["n"] >= 3 else loss  # one group per step: step 3
     monkeypatch.setattr(obj, "flow_matching_loss", poisoned)
     out = tmp_path / "run"
@@ -381,3 +395,4 @@ def test_recipe_hashes_of_the_default_recipes_are_pinned():
     assert training_hash(load_recipe("rl", None, []), RL_OPERATIONAL) == "ae62ef1a92f58def"
     # A key set away from its default does count.
     assert training_hash(load_recipe("pretrain", None, ['model.weights="runs/x/final"'])) != "79718b6117abcc3b"
+    assert training_hash(load_recipe("pretrain", None, ["train.subject_weight=2.0"])) != "79718b6117abcc3b"

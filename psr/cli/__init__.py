@@ -227,7 +227,9 @@ def rl(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
     try:
-        app(args=argv, prog_name="psr", standalone_mode=False)
+        # Outside standalone mode typer returns an Exit's code instead of raising it, and
+        # turns Ctrl-C into Exit(130): the returned value is the exit status.
+        status = app(args=argv, prog_name="psr", standalone_mode=False)
     except UserError as err:
         print(f"psr: error: {' '.join(str(err).split(chr(10)))}", file=sys.stderr)
         return 2
@@ -240,4 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         print(f"psr: error: {' '.join(message.split(chr(10)))}", file=sys.stderr)
         return 2
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        if status == 130:
+            print("psr: interrupted", file=sys.stderr)
+        return status
     return 0

@@ -67,9 +67,25 @@ def dropout_choices(generator: torch.Generator, batch: int, p_text: float, p_ref
     return text, refs
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in float32 between predicted and true velocity [B, L, C]."""
-    return F.mse_loss(pred.float(), target.float())
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor,
+                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32 between predicted and true velocity [B, L, C].
+
+    With `token_weights` [B, L] it is the weighted mean Σ w·e / Σ w of the per-token errors
+    e (mean over channels), so uniform weights give the plain mean."""
+    if token_weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    weights = token_weights.to(per_token)
+    return (per_token * weights).sum() / weights.sum()
+
+
+def subject_token_weights(labels: torch.Tensor, subject_weight: float) -> torch.Tensor | None:
+    """Per-token loss weights [B, L] from token labels (0 background, i+1 subject i):
+    `subject_weight` inside subjects, 1 elsewhere; None when it is 1 (the plain mean)."""
+    if subject_weight == 1.0:
+        return None
+    return torch.where(labels > 0, float(subject_weight), 1.0)
 
 
 class Encoders:

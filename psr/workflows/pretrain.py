@@ -208,7 +208,8 @@ def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout,
 
     r, device = run.recipe, run.model.device
     share = len(rows) / len(batch)
-    total = obj.flow_matching_loss(pred, group.velocity) * share
+    weights = obj.subject_token_weights(batch.labels[rows].to(device), r.train.subject_weight)
+    total = obj.flow_matching_loss(pred, group.velocity, weights) * share
     parts = {"diffusion": total}
     if capture is not None:
         reg_batch = RegBatch(
