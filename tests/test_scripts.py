@@ -1,6 +1,7 @@
 """scripts/: the experiment drivers build valid recipes and refuse bad arguments."""
 
 import importlib.util
+import math
 import statistics
 import subprocess
 import sys
@@ -92,3 +93,39 @@ def test_unknown_rl_recipe_is_one_line_and_exit_2():
                           capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "rl_before_after: unknown recipe 'gspo'; choose from gspo-toy, grpo-toy, focusdpo-toy"]
+
+
+def test_reference_gain_is_zero_exactly_when_every_row_has_the_same_references(tiny_model, tmp_path):
+    from psr.train.data import TrainRows, open_dataset
+    from psr.workflows.synth import run_synth
+
+    gain = _script("reference_gain")
+    recipe = load_recipe("synth", str(ROOT / "recipes" / "synth-toy.toml"), ["shard_size=16", "workers=1"])
+    run_synth(recipe, str(tmp_path / "data"), 16, show_progress=False)
+    dataset = TrainRows(open_dataset(str(tmp_path / "data")), tiny_model.token_stride, 64, 4)
+    rows = [dataset[i] for i, row in enumerate(dataset.dataset.rows) if len(row["references"]) == 2][:3]
+    assert len(rows) == 3
+    table = gain.subject_errors(tiny_model, rows, [0.5, 1.0])
+    assert [r["sigma"] for r in table] == [0.5, 1.0]
+    for r in table:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("right", "other", "none", "background"))
+        assert r["gain"] == r["other"] - r["right"] != 0  # the random model reads its references
+    # Rotating identical references changes nothing: a model gains nothing from them.
+    same = [{**row, "references": rows[0]["references"]} for row in rows]
+    assert all(r["gain"] == 0 for r in gain.subject_errors(tiny_model, same, [0.5, 1.0]))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        gain.subject_errors(tiny_model, rows[:1], [0.5])
+
+
+def test_reference_gain_bad_sigmas_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_gain.py"), "--data", str(tmp_path),
+                           "--sigmas", "0.5,2"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["reference_gain: --sigmas '0.5,2': comma-separated numbers in (0, 1]"]
+
+
+def test_reference_gain_missing_data_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_gain.py"), "--data",
+                           str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("reference_gain: ")
