@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from psr.core.components import load_components
     from psr.core.model import MultiRefFlux
-    from psr.core.presets import EMBEDDED_DIR
+    from psr.core.schema import ModelConfig, resolve_model
     from psr.errors import UserError
     from psr.train.data import TrainRows, open_dataset
 
@@ -105,15 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         data = open_dataset(args.data)  # bad paths fail before the model loads
-        if args.weights:
-            from psr.train.weights import weights_kind
-            weights_kind(args.weights)
-        components = load_components(args.model or str(EMBEDDED_DIR), dtype="float32")
-        if args.weights:
-            from psr.train.weights import load_weights
-            load_weights(components.transformer, args.weights)
-        model = MultiRefFlux(components, reference_size=64, max_sequence_length=64)
-        dataset = TrainRows(data, model.token_stride, model.reference_size, 4)
+        # The embedded preset's model section, as every command loads one (weights included).
+        config = resolve_model(ModelConfig(path=args.model, weights=args.weights, dtype="float32", device="cpu"))
+        model = MultiRefFlux.from_config(config)
+        dataset = TrainRows(data, model.token_stride, model.reference_size, config.max_references)
         picked = [i for i, row in enumerate(dataset.dataset.rows) if len(row["references"]) == args.subjects]
         rows = [dataset[i] for i in picked[:args.rows]]
         if len(rows) < 2:

@@ -208,7 +208,7 @@ def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout,
 
     r, device = run.recipe, run.model.device
     share = len(rows) / len(batch)
-    weights = obj.subject_token_weights(batch.labels[rows].to(device), r.train.subject_weight)
+    weights = obj.subject_token_weights(batch.labels[rows], r.train.subject_weight)  # moved with the loss
     total = obj.flow_matching_loss(pred, group.velocity, weights) * share
     parts = {"diffusion": total}
     if capture is not None:
