@@ -19,7 +19,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/psr generate --ref examples/refs/subject-a.png --ref examples/refs/subject-b.png \
-		"the white dotted heart creature above the yellow striped drop creature, on grass" --out psr-out/demo
+		"the cyan checkered heart creature above the orange checkered drop creature, in the sky" \
+		--image-guidance 2 --num-images 4 --sheet --out psr-out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

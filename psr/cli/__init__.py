@@ -48,9 +48,14 @@ def generate(
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = "psr-out",
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image k uses seed + k.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance embedding value.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        help="Guidance embedding value, or the prompt's CFG scale for a model without one.")] = None,
+    image_guidance: Annotated[Optional[float], typer.Option(
+        "--image-guidance", help="CFG scale over the references (1 is off).")] = None,
     size: Annotated[Optional[str], typer.Option(help="N or WIDTHxHEIGHT in pixels.")] = None,
     num_images: Annotated[Optional[int], typer.Option("--num-images", "-n", help="Images to make.")] = None,
+    sheet: Annotated[bool, typer.Option(
+        "--sheet", help="Also write NNNN.sheet.png: the references, then every image.")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, mps …")] = None,
     weights: WeightsOpt = None,
     set_: SetOpt = None,
@@ -62,7 +67,7 @@ def generate(
 
     overrides = list(set_ or [])
     flags = {"sample.seed": seed, "sample.steps": steps, "sample.guidance": guidance,
-             "sample.num_images": num_images}
+             "sample.image_guidance": image_guidance, "sample.num_images": num_images}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     if device is not None:
         overrides.append(f"model.device={device!r}")
@@ -71,7 +76,7 @@ def generate(
     if size is not None:
         overrides += _size_overrides(size)
     written = run_generate(load_recipe("generate", recipe, overrides), prompt, ref or [], out,
-                           show_progress=not quiet)
+                           show_progress=not quiet, sheet=sheet)
     for path in written:
         print(path)
 

@@ -42,6 +42,39 @@ class References:
         return len(self.grids)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """How a sampler steers the velocity (`MultiRefFlux.guided_velocity`).
+
+    embedded: the guidance-embedding value, for guidance-distilled models (FLUX.1-dev,
+        Kontext); None for a model without a guidance embedding.
+    text: classifier-free guidance scale over the prompt (empty prompt as the unconditional
+        branch), for models without a guidance embedding; 1 is off.
+    image: classifier-free guidance scale over the references (no references as the
+        unconditional branch), InstructPix2Pix's image scale; 1 is off.
+    """
+
+    embedded: float | None = None
+    text: float = 1.0
+    image: float = 1.0
+
+    @classmethod
+    def for_model(cls, transformer, guidance: float, image_guidance: float = 1.0) -> "Guidance":
+        """`sample.guidance` is the embedding value where the model has a guidance embedding and
+        the text CFG scale where it has not, so it always acts; `image_guidance` is the CFG scale
+        over the references either way."""
+        if transformer.config.guidance_embeds:
+            return cls(embedded=float(guidance), image=float(image_guidance))
+        return cls(text=float(guidance), image=float(image_guidance))
+
+    @property
+    def branches(self) -> int:
+        """Transformer forwards per step with references: 1 when no CFG acts, up to 3."""
+        if self.image == 1.0:
+            return 1 if self.text == 1.0 else 2
+        return 2 if self.text == 1.0 and self.embedded is not None else 3
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -226,11 +259,67 @@ class MultiRefFlux:
             txt_ids=prompt.ids, img_ids=ids, return_dict=False)[0]
         return out[:, :length]
 
+    def no_references(self) -> References:
+        """The empty reference set (the unconditional branch of image guidance)."""
+        return References(tokens=torch.zeros(1, 0, self.latent_channels * 4, dtype=self.dtype, device=self.device),
+                          ids=torch.zeros(0, 3, device=self.device), grids=[])
+
+    def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, prompt: PromptEmbeds,
+                        references: References, target_grid: tuple[int, int], guidance: Guidance,
+                        null_prompt: PromptEmbeds | None = None,
+                        branch: Callable[[References], contextlib.AbstractContextManager] | None = None,
+                        ) -> torch.Tensor:
+        """The velocity under `guidance`: InstructPix2Pix's two-scale classifier-free guidance
+
+            v = v(∅, ∅) + s_image·(v(∅, R) − v(∅, ∅)) + s_text·(v(T, R) − v(∅, R))
+
+        with T the prompt (∅: `null_prompt`, the empty prompt's embedding) and R the
+        references (∅: none), the conditioning dropouts psr trains with. A guidance-distilled
+        model has no text branch: v = v(T, ∅) + s_image·(v(T, R) − v(T, ∅)). Scales of 1 drop
+        their branches, so with both at 1 this is exactly `velocity`. `branch(refs)` wraps each
+        forward (e.g. a LoRA token mask for that branch's layout)."""
+        batch = latents.shape[0]
+        g = None
+        if guidance.embedded is not None:
+            g = torch.full((batch,), guidance.embedded, device=latents.device, dtype=torch.float32)
+        text_cfg = guidance.embedded is None and guidance.text != 1.0
+        image_cfg = guidance.image != 1.0 and references.count > 0
+        if (text_cfg or (image_cfg and guidance.embedded is None)) and null_prompt is None:
+            raise ValueError("classifier-free guidance over the prompt needs null_prompt")
+        branch = branch or (lambda refs: contextlib.nullcontext())
+
+        def v(text, refs):
+            with branch(refs):
+                return self.velocity(latents, timestep, text, refs, target_grid, g).float()
+
+        full = v(prompt, references)
+        if not text_cfg and not image_cfg:
+            return full.to(latents.dtype)
+        none = self.no_references()
+        if guidance.embedded is not None:  # image guidance only, the prompt stays on
+            without = v(prompt, none)
+            return (without + guidance.image * (full - without)).to(latents.dtype)
+        refs_only = v(null_prompt, references)
+        out = refs_only + guidance.text * (full - refs_only)
+        if image_cfg:
+            empty = v(null_prompt, none)
+            out = out + (guidance.image - 1.0) * (refs_only - empty)
+        return out.to(latents.dtype)
+
+    def null_prompt(self, batch: int) -> PromptEmbeds:
+        """The empty prompt's embedding for `batch` rows (what text dropout trains)."""
+        empty = self.encode_prompt([""])
+        return PromptEmbeds(empty.embeds.expand(batch, -1, -1), empty.pooled.expand(batch, -1), empty.ids)
+
     @torch.no_grad()
     def generate(self, prompt: str, references: Sequence[Image.Image], *, height: int, width: int,
-                 steps: int, guidance: float, seeds: Sequence[int],
+                 steps: int, guidance: float, seeds: Sequence[int], image_guidance: float = 1.0,
                  progress: Callable[[], None] | None = None) -> list[Image.Image]:
-        """One image per seed for `prompt` conditioned on `references` (PIL, any size)."""
+        """One image per seed for `prompt` conditioned on `references` (PIL, any size).
+
+        `guidance` is the guidance-embedding value of a guidance-distilled model, else the
+        classifier-free guidance scale over the prompt; `image_guidance` is the CFG scale over
+        the references (see `guided_velocity`)."""
         self.check_size(height, width)
         grid = (height // self.token_stride, width // self.token_stride)
         batch = len(seeds)
@@ -239,10 +328,9 @@ class MultiRefFlux:
         refs = self.encode_references(references, grid)
         latents = self.noise(seeds, height, width)
         schedule = flux_schedule(self.components.scheduler.config, steps, grid[0] * grid[1])
-        g = None
-        if self.transformer.config.guidance_embeds:
-            g = torch.full((batch,), float(guidance), device=self.device, dtype=torch.float32)
+        how = Guidance.for_model(self.transformer, guidance, image_guidance)
+        null = self.null_prompt(batch) if how.embedded is None and (how.text != 1.0 or how.image != 1.0) else None
         with self._on_device(self.transformer):
             latents = euler_sample(
-                lambda x, t: self.velocity(x, t, text, refs, grid, g), latents, schedule, progress)
+                lambda x, t: self.guided_velocity(x, t, text, refs, grid, how, null), latents, schedule, progress)
         return imgs.to_pil(self.decode(latents, height, width))

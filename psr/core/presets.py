@@ -33,6 +33,9 @@ class Preset:
     token_stride: int
     """Pixels per token side (VAE factor x 2): sizes are checked against it before loading."""
     default_path: str | None = None
+    guidance_embeds: bool = True
+    """Whether the preset's transformer has a guidance embedding; without one, `guidance` is a
+    classifier-free guidance scale, which RL rollouts do not apply (their default is then 1)."""
 
 
 def _load_pretrained(config: "ModelConfig") -> "FluxComponents":
@@ -55,8 +58,9 @@ def _load_tiny(config: "ModelConfig") -> "FluxComponents":
 PRESETS: dict[str, Preset] = {
     "embedded": Preset(
         description="the embedded architecture trained on ToyWorld, weights shipped in the package (CPU-friendly)",
-        load=_load_pretrained, dtype="float32", size=64, reference_size=64,
-        max_sequence_length=64, steps=8, guidance=3.5, token_stride=8, default_path=str(EMBEDDED_DIR),
+        load=_load_pretrained, dtype="float32", size=64, reference_size=32,
+        max_sequence_length=64, steps=8, guidance=3.0, token_stride=8, default_path=str(EMBEDDED_DIR),
+        guidance_embeds=False,
     ),
     "tiny": Preset(
         description="the tiny architecture, random-init from configs (tests, benchmarks)",

@@ -6,6 +6,8 @@ Fields left at None take the preset's default when the recipe is resolved
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -66,7 +68,11 @@ class SampleConfig:
     steps: int | None = None
     """Denoising steps; None takes the preset's."""
     guidance: float | None = None
-    """Guidance embedding value (FLUX's distilled guidance); None takes the preset's."""
+    """The guidance-embedding value of a guidance-distilled model (FLUX.1-dev, Kontext), else
+    the classifier-free guidance scale over the prompt (1 is off); None takes the preset's."""
+    image_guidance: float = 1.0
+    """Classifier-free guidance scale over the references (InstructPix2Pix's image scale;
+    1 is off). Each scale that is not 1 adds a transformer forward per step."""
     height: int | None = None
     width: int | None = None
     num_images: int = 1
@@ -75,7 +81,10 @@ class SampleConfig:
 
     def __post_init__(self):
         _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
-        _require(self.guidance is None or self.guidance >= 0, "guidance", "must be >= 0")
+        _require(self.guidance is None or (self.guidance >= 0 and math.isfinite(self.guidance)), "guidance",
+                 "must be a finite number >= 0")
+        _require(self.image_guidance >= 0 and math.isfinite(self.image_guidance), "image_guidance",
+                 "must be a finite number >= 0 (1 is off)")
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value >= 16, name, "must be >= 16 pixels")
@@ -136,10 +145,21 @@ class ToyWorldConfig:
     """Identity range: 'train' and 'eval' are disjoint, so benchmarks stay held out."""
     attribute_rate: float = 0.2
     """Chance that each subject wears each added attribute (hat, scarf, …)."""
+    level: str = "full"
+    """How hard examples are (psr.toyworld.sampling.LEVELS): 'full' (the bench's hardest) or
+    'easy' (reference in the target pose at a similar pixel scale, at half the target side)."""
 
     def __post_init__(self):
+        from psr.toyworld.sampling import LEVELS
+
         _require(self.size in (64, 128), "size", "must be 64 or 128")
-        _require(self.reference_size in (64, 128), "reference_size", "must be 64 or 128")
+        _require(self.reference_size in (32, 64, 128), "reference_size", "must be 32, 64 or 128")
+        _require(self.level in LEVELS, "level", f"unknown level {self.level!r}; known: {', '.join(LEVELS)}")
+        ratio = LEVELS[self.level].reference_ratio
+        if ratio != 1:
+            _require(self.size == ratio * self.reference_size, "reference_size",
+                     f"level {self.level!r} renders references at 1/{ratio} of the target side: "
+                     f"{self.size // ratio} for size {self.size}")
         _require(1 <= len(self.subject_weights) <= 4, "subject_weights",
                  "give one weight per subject count, 1 to 4 counts")
         _require(all(w >= 0 for w in self.subject_weights) and sum(self.subject_weights) > 0,

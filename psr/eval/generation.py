@@ -79,6 +79,7 @@ def generate_missing(recipe: "EvalRecipe", out: Path, items: Sequence[Item], sho
                 references = [open_picture(p, "reference").image for p in item.references]
                 images = model.generate(item.instruction, references, height=sample.height, width=sample.width,
                                         steps=sample.steps, guidance=sample.guidance,
+                                        image_guidance=sample.image_guidance,
                                         seeds=[sample.seed + k for k in job.seeds])
             except UnreadableImage as err:
                 failures.update({(item.subset, item.index, k): err.reason for k in job.seeds})

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from psr.core.recipe import require as _require
+from psr.errors import RecipeError
 from psr.rewards.registry import RewardSpec, check_reward_specs
 from psr.rl.losses import GRPO_CLIP_RANGE, GSPO_CLIP_HIGH, GSPO_CLIP_LOW
 from psr.train.config import LARGE_PRESETS, AdapterConfig, CheckpointConfig, LoggingConfig
@@ -297,8 +298,12 @@ def resolve_rl(recipe: RlRecipe) -> RlRecipe:
 
     preset = PRESETS[recipe.model.preset]
     model = resolve_model(recipe.model)
+    default_guidance = preset.guidance if preset.guidance_embeds else 1.0  # rollouts apply no CFG
     rollout = replace(recipe.rollout, size=recipe.rollout.size or preset.size,
-                      guidance=preset.guidance if recipe.rollout.guidance is None else recipe.rollout.guidance)
+                      guidance=default_guidance if recipe.rollout.guidance is None else recipe.rollout.guidance)
+    if not preset.guidance_embeds and rollout.guidance != 1.0:
+        raise RecipeError("rollout.guidance", f"{rollout.guidance}: preset {recipe.model.preset!r} has no guidance "
+                          "embedding and rollouts apply no classifier-free guidance; set it to 1")
     evaluation = replace(recipe.eval, steps=recipe.eval.steps or preset.steps, size=recipe.eval.size or rollout.size,
                          guidance=rollout.guidance if recipe.eval.guidance is None else recipe.eval.guidance)
     return replace(recipe, model=model, rollout=rollout, eval=evaluation)

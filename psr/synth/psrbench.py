@@ -73,14 +73,15 @@ def _with_attributes(spec: "tw.SceneSpec", rng: np.random.Generator) -> "tw.Scen
     return dataclasses.replace(spec, subjects=subjects)
 
 
-def bench_example(subset: str, k: int, seed: int, id_range: tuple[int, int]):
+def bench_example(subset: str, k: int, seed: int, id_range: tuple[int, int], level: str = "full"):
     """The k-th item of `subset`: (example, actions), retrying seeds until the layout holds."""
     subjects, attributes, actions, positional = SUBSETS[subset]
     for attempt in range(50):
         item_seed = seed + attempt * 7919  # a prime stride keeps retries off other items' seeds
         rng = np.random.default_rng([0xBE7C, item_seed])
         relation = tw.RELATIONS[k % len(tw.RELATIONS)] if positional else None
-        example = tw.sample_example(item_seed, subjects, id_range, attribute_rate=0.0, relation=relation)
+        example = tw.sample_example(item_seed, subjects, id_range, attribute_rate=0.0, relation=relation,
+                                    level=level)
         target, chosen = example.target, []
         if attributes:
             target = _with_attributes(target, rng)
@@ -98,13 +99,13 @@ def bench_example(subset: str, k: int, seed: int, id_range: tuple[int, int]):
 
 
 def _write_subset(out: Path, subset: str, count: int, seed: int, size: int, ref_size: int,
-                  id_range: tuple[int, int]) -> list[dict]:
+                  id_range: tuple[int, int], level: str = "full") -> list[dict]:
     folder = out / "images" / subset
     staging = Path(tempfile.mkdtemp(dir=out / "images", prefix=f".tmp-{subset}-"))
     items = []
     try:
         for k in range(count):
-            example, actions, _ = bench_example(subset, k, seed + k, id_range)
+            example, actions, _ = bench_example(subset, k, seed + k, id_range, level)
             target = tw.render(example.target, size)
             refs = [tw.render(r, ref_size) for r in example.references]
             stem = f"{k:04d}"
@@ -161,10 +162,11 @@ def export_psrbench(recipe, out_dir: str, show_progress: bool = True) -> dict:
             continue
         seed = recipe.seed + SEED_STRIDE * list(SUBSETS).index(subset)
         items = _write_subset(out, subset, count, seed, recipe.toyworld.size, recipe.toyworld.reference_size,
-                              id_range)
+                              id_range, recipe.toyworld.level)
         write_json_atomic(path, items)
         done[subset] = len(items)
     summary = {"format": "psrbench", "subsets": done, "seed": recipe.seed, "id_split": recipe.toyworld.id_split,
+               "level": recipe.toyworld.level,
                "recipe_hash": recipe_hash(recipe)}
     write_json_atomic(out / "bench.json", summary)
     print(f"psr synth: PSRBench export with {sum(done.values())} items in {out}", file=sys.stderr)

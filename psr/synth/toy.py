@@ -53,7 +53,8 @@ class ToyWorldSource:
     def __call__(self, index: int) -> SynthSample | Rejection:
         seed = self.seed + index
         k = min(self.num_subjects(seed), len(self.cumulative))
-        example = tw.sample_example(seed, k, self.id_range, attribute_rate=self.config.attribute_rate)
+        example = tw.sample_example(seed, k, self.id_range, attribute_rate=self.config.attribute_rate,
+                                    level=self.config.level)
         return render_example(example, self.config.size, self.config.reference_size, self.token_stride,
                               provenance={"generator": "toyworld", "seed": seed})
 

@@ -182,6 +182,56 @@ def place_free(rng: np.random.Generator, subjects: list[SubjectSpec], max_overla
     raise RuntimeError(f"could not place {len(subjects)} subjects without overlap; use smaller sizes")
 
 
+# Slot centres (x, y), fractions of the side, of each subject by count (and by relation for
+# two subjects): the `slots` layout of a ToyWorld level. Every slot owns a cell of
+# SLOT_CELL (one subject: the image), so neighbours never overlap.
+SLOTS: dict = {
+    1: ((0.5, 0.5),),
+    ("left of",): ((0.27, 0.5), (0.73, 0.5)),
+    ("right of",): ((0.73, 0.5), (0.27, 0.5)),
+    ("above",): ((0.5, 0.27), (0.5, 0.73)),
+    ("below",): ((0.5, 0.73), (0.5, 0.27)),
+    ("next to",): ((0.3, 0.5), (0.7, 0.5)),
+    3: ((0.27, 0.28), (0.73, 0.28), (0.5, 0.73)),
+    4: ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)),
+}
+SLOT_CELL = 0.44
+
+
+def place_slots(rng: np.random.Generator, subjects: list[SubjectSpec], relation: str | None,
+                jitter: float = 0.03) -> list[SubjectSpec]:
+    """Centre subject i's box on the i-th slot of SLOTS (by count, or by `relation` for two)
+    up to `jitter`, shrinking a subject whose box would not fit its cell; for two subjects
+    the relation is checked with `relation_holds`, as `place_pair` does."""
+    k = len(subjects)
+    centres = SLOTS[(relation,)] if k == 2 else SLOTS[k]
+    cell = 1.0 - 2 * BORDER if k == 1 else SLOT_CELL
+    fitted = []
+    for subject in subjects:
+        e = _extent(subject)
+        longest = max(e[2] - e[0], e[3] - e[1])
+        fitted.append(_scaled([subject], cell / longest)[0] if longest > cell else subject)
+    if relation == "next to":  # side by side about the centre line, a small gap between the boxes
+        gap = 0.03
+        (ea, eb) = (_extent(s) for s in fitted)
+        centres = ((0.5 - gap / 2 - (ea[2] - ea[0]) / 2, 0.5), (0.5 + gap / 2 + (eb[2] - eb[0]) / 2, 0.5))
+    placed = []
+    for subject, (cx, cy) in zip(fitted, centres):
+        e = _extent(subject)
+        spread = jitter
+        if relation == "next to":  # a third of the jitter keeps the gap within the relation's limit
+            cx += rng.uniform(-jitter, jitter) / 3
+            cy += rng.uniform(-jitter, jitter) / 3
+            spread = 0.0  # the zero-width draws below keep the stream the shipped data was drawn from
+        half_w, half_h = (e[2] - e[0]) / 2, (e[3] - e[1]) / 2
+        x = float(np.clip(cx + rng.uniform(-spread, spread), BORDER + half_w, 1 - BORDER - half_w))
+        y = float(np.clip(cy + rng.uniform(-spread, spread), BORDER + half_h, 1 - BORDER - half_h))
+        placed.append(subject.moved(round(x - (e[0] + e[2]) / 2, 5), round(y - (e[1] + e[3]) / 2, 5)))
+    if k == 2 and not relation_holds(predicted_box(placed[0]), predicted_box(placed[1]), relation):
+        raise AssertionError(f"layout bug: slots for '{relation}' do not hold for {placed}")
+    return placed
+
+
 def _overlap_fraction(a, b) -> float:
     iw = min(a[2], b[2]) - max(a[0], b[0])
     ih = min(a[3], b[3]) - max(a[1], b[1])

@@ -16,13 +16,14 @@ JSON layout of `Example.to_dict()`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from psr.toyworld.attributes import ATTRIBUTES
 from psr.toyworld.identity import NUM_IDENTITIES, Identity
-from psr.toyworld.layout import place_centred, place_free, place_pair
+from psr.toyworld.layout import place_centred, place_free, place_pair, place_slots
 from psr.toyworld.pose import Pose
 from psr.toyworld.prompts import build_prompt
 from psr.toyworld.scenes import SCENES
@@ -38,6 +39,63 @@ REFERENCE_SIZE = (0.28, 0.33)
 MAX_ATTRIBUTES = 2  # per subject; more makes captions long and subjects busy
 MIN_ROTATION_CHANGE = 15.0  # degrees between a target pose and its reference pose
 _SALT = 0x7057  # separates these streams from other users of the same seed
+
+
+@dataclass(frozen=True)
+class Level:
+    """How hard a ToyWorld example is to personalise (see LEVELS).
+
+    subject_sizes: canonical-unit range per subject count, fractions of the target side.
+    reference_sizes: canonical-unit range of the lone subject, fractions of the reference
+        side; None derives it from the target subject (see reference_scale).
+    reference_scale: with reference_sizes None, the reference subject's size in pixels over
+        the target subject's, drawn log-uniformly from this range (never 1, so scale always
+        changes), for references rendered `reference_ratio` times smaller than the target.
+    reference_ratio: target side over reference side that reference_scale assumes.
+    same_pose: the reference keeps the target's pose (only position and scale change).
+    eyes, top: fixed identity factors (None: any); identities then come only from the ids
+        of the range that have them, so train and eval ranges stay disjoint.
+    slots: place subject i at the i-th slot centre of `layout.SLOTS` (by count, and by
+        relation for two) up to `slot_jitter`, instead of anywhere the relation allows.
+    """
+
+    name: str
+    subject_sizes: dict[int, tuple[float, float]] = field(default_factory=dict)
+    reference_sizes: tuple[float, float] | None = None
+    reference_scale: tuple[float, float] = (1.0, 1.0)
+    reference_ratio: int = 1
+    same_pose: bool = False
+    eyes: str | None = None
+    top: str | None = None
+    slots: bool = False
+    slot_jitter: float = 0.03
+
+
+# The full world is the benchmark's hardest level. `easy` is the level the embedded
+# model learns on a CPU: the reference shows the subject in its target pose at
+# 0.8-0.9x its target size in pixels (rendered at half the target side: 16 tokens),
+# larger subjects at fixed slots per count and relation (so the layout the sampler must
+# commit to from noise is nearly decided by the prompt), and identities that differ in
+# shape, colour and pattern only (two eyes, nothing on the head).
+LEVELS: dict[str, Level] = {
+    "full": Level("full", subject_sizes=SUBJECT_SIZES, reference_sizes=REFERENCE_SIZE),
+    "easy": Level("easy", subject_sizes={1: (0.30, 0.34), 2: (0.22, 0.25), 3: (0.20, 0.23), 4: (0.19, 0.22)},
+                  reference_scale=(0.8, 0.9), reference_ratio=2, same_pose=True, eyes="two eyes", top="none",
+                  slots=True),
+}
+
+
+def get_level(name: str) -> Level:
+    if name not in LEVELS:
+        raise ValueError(f"unknown ToyWorld level {name!r}; known: {list(LEVELS)}")
+    return LEVELS[name]
+
+
+@functools.lru_cache(maxsize=16)
+def _ids_with(id_range: tuple[int, int], eyes: str | None, top: str | None) -> tuple[int, ...]:
+    lo, hi = id_range
+    found = (Identity.from_id(i) for i in range(lo, hi))
+    return tuple(t.id for t in found if eyes in (None, t.eyes) and top in (None, t.top))
 
 
 def sample_pose(rng: np.random.Generator) -> Pose:
@@ -57,14 +115,24 @@ def poses_differ(a: Pose, b: Pose) -> bool:
 
 
 def sample_identities(
-    rng: np.random.Generator, k: int, id_range: tuple[int, int], distinct_categories: bool = True
+    rng: np.random.Generator, k: int, id_range: tuple[int, int], distinct_categories: bool = True,
+    level: Level | None = None,
 ) -> list[int]:
-    """k distinct ids from [lo, hi); with distinct_categories, also distinct shapes."""
+    """k distinct ids from [lo, hi); with distinct_categories, also distinct shapes; with a
+    level that fixes identity factors, only ids that have them."""
     lo, hi = id_range
     if not (0 <= lo and hi - lo >= k):
         raise ValueError(f"id_range {id_range} must be non-negative and hold at least {k} ids")
+    pool = None
+    if level is not None and (level.eyes is not None or level.top is not None):
+        pool = _ids_with((int(lo), int(hi)), level.eyes, level.top)
+        if len(pool) < k:
+            raise ValueError(f"id_range {id_range} holds fewer than {k} ids of level {level.name!r}")
     for _ in range(100):
-        ids = [lo + int(i) for i in rng.choice(hi - lo, size=k, replace=False)]
+        if pool is None:
+            ids = [lo + int(i) for i in rng.choice(hi - lo, size=k, replace=False)]
+        else:
+            ids = [pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False)]
         shapes = {Identity.from_id(i).shape for i in ids}
         if not distinct_categories or len(shapes) == k:
             return ids
@@ -91,6 +159,7 @@ def sample_target(
     relation: str | None = None,
     scenes: tuple[str, ...] | None = None,
     distinct_categories: bool = True,
+    level: str = "full",
 ) -> SceneSpec:
     """A target scene with `num_subjects` (1..4) distinct identities from id_range.
 
@@ -99,15 +168,16 @@ def sample_target(
     must be None. attribute_rate: chance of each added attribute per subject;
     scenes: the target scenes to pick from (default all; references always
     use any other scene); distinct_categories: no two subjects of one shape,
-    so a detector queried by category can tell them apart.
+    so a detector queried by category can tell them apart; level: a key of LEVELS.
     """
-    if num_subjects not in SUBJECT_SIZES:
+    lvl = get_level(level)
+    if num_subjects not in lvl.subject_sizes:
         raise ValueError(f"num_subjects must be one of {sorted(SUBJECT_SIZES)}, got {num_subjects}")
     if relation is not None and num_subjects != 2:
         raise ValueError(f"relations are sampled for 2 subjects only, got relation={relation!r} with {num_subjects}")
     scene_names = tuple(scenes) if scenes is not None else tuple(SCENES)
-    ids = sample_identities(rng, num_subjects, id_range, distinct_categories)
-    size_lo, size_hi = SUBJECT_SIZES[num_subjects]
+    ids = sample_identities(rng, num_subjects, id_range, distinct_categories, lvl)
+    size_lo, size_hi = lvl.subject_sizes[num_subjects]
     subjects = [
         SubjectSpec(
             identity=i,
@@ -119,6 +189,9 @@ def sample_target(
     ]
     if num_subjects == 2:
         relation = relation if relation is not None else RELATIONS[int(rng.integers(len(RELATIONS)))]
+    if lvl.slots:
+        subjects = place_slots(rng, subjects, relation, lvl.slot_jitter)
+    elif num_subjects == 2:
         subjects = list(place_pair(rng, subjects[0], subjects[1], relation))
     else:
         subjects = place_free(rng, subjects)
@@ -130,17 +203,28 @@ def sample_target(
     )
 
 
-def sample_reference(rng: np.random.Generator, subject: SubjectSpec, target_scene: str) -> SceneSpec:
-    """The subject's identity alone, no added attributes, in a pose that
-    differs from `subject.pose` (poses_differ) and a scene other than target_scene."""
-    for _ in range(20):
-        pose = sample_pose(rng)
-        if poses_differ(pose, subject.pose):
-            break
+def sample_reference(rng: np.random.Generator, subject: SubjectSpec, target_scene: str,
+                     level: str = "full") -> SceneSpec:
+    """The subject's identity alone, no added attributes, in a scene other than
+    target_scene, in a pose that differs from `subject.pose` (poses_differ), or at the
+    `same_pose` level in the target's pose at another scale."""
+    lvl = get_level(level)
+    if lvl.same_pose:
+        pose = subject.pose
     else:
-        pose = replace(pose, flip=not subject.pose.flip)
+        for _ in range(20):
+            pose = sample_pose(rng)
+            if poses_differ(pose, subject.pose):
+                break
+        else:
+            pose = replace(pose, flip=not subject.pose.flip)
     others = [s for s in SCENES if s != target_scene]
-    lone = SubjectSpec(identity=subject.identity, size=round(float(rng.uniform(*REFERENCE_SIZE)), 4), pose=pose)
+    if lvl.reference_sizes is not None:
+        size = float(rng.uniform(*lvl.reference_sizes))
+    else:
+        lo, hi = np.log(lvl.reference_scale)
+        size = subject.size * lvl.reference_ratio * float(np.exp(rng.uniform(lo, hi)))
+    lone = SubjectSpec(identity=subject.identity, size=round(size, 4), pose=pose)
     return SceneSpec(
         scene=others[int(rng.integers(len(others)))],
         scene_seed=int(rng.integers(2**31)),
@@ -184,6 +268,7 @@ def sample_example(
     relation: str | None = None,
     scenes: tuple[str, ...] | None = None,
     distinct_categories: bool = True,
+    level: str = "full",
 ) -> Example:
     """Deterministic Example for an integer seed (see sample_target for options)."""
     rng = np.random.default_rng([_SALT, int(seed), int(num_subjects)])
@@ -195,7 +280,8 @@ def sample_example(
         relation=relation,
         scenes=scenes,
         distinct_categories=distinct_categories,
+        level=level,
     )
-    references = tuple(sample_reference(rng, s, target.scene) for s in target.subjects)
+    references = tuple(sample_reference(rng, s, target.scene, level) for s in target.subjects)
     variant = int(rng.integers(len(PROMPT_TEMPLATES[num_subjects])))
     return Example(seed=int(seed), target=target, references=references, prompt=build_prompt(target, variant))

@@ -199,6 +199,8 @@ class SamplesConfig:
     """Rows of the grid: one prompt with its references each."""
     subjects: tuple[int, ...] = (1, 2, 3)
     """Row k shows subjects[k mod len] subjects (ToyWorld eval identities)."""
+    level: str = "full"
+    """ToyWorld level of those rows (psr.toyworld.sampling.LEVELS), as the training data's."""
     dataset: str | None = None
     """Draw rows from this dataset folder (its first rows) instead of ToyWorld's eval identities."""
     seed: int = 0
@@ -218,6 +220,9 @@ class SamplesConfig:
         _require(self.seed >= 0, "seed", "must be >= 0")
         _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
         _require(self.size is None or self.size >= 16, "size", "must be >= 16 pixels")
+        from psr.toyworld.sampling import LEVELS
+
+        _require(self.level in LEVELS, "level", f"unknown level {self.level!r}; known: {', '.join(LEVELS)}")
 
 
 @dataclass(frozen=True)

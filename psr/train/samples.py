@@ -33,33 +33,40 @@ def sample_inputs(cfg, reference_size: int) -> list[tuple[str, list[Image.Image]
         return rows
     from psr import toyworld as tw
 
-    ref_px = 64 if reference_size <= 64 else 128
+    ratio = tw.sampling.LEVELS[cfg.level].reference_ratio
+    ref_px = (64 if reference_size <= 64 else 128) // ratio  # a level renders references at 1/ratio
     rows = []
     for k in range(cfg.count):
         subjects = cfg.subjects[k % len(cfg.subjects)]
-        example = tw.sample_example(TOYWORLD_SEED + cfg.seed + k, subjects, tw.DEFAULT_ID_RANGES["eval"])
+        example = tw.sample_example(TOYWORLD_SEED + cfg.seed + k, subjects, tw.DEFAULT_ID_RANGES["eval"],
+                                    level=cfg.level)
         rows.append((example.prompt, [Image.fromarray(tw.render(r, ref_px).image) for r in example.references]))
     return rows
 
 
 @torch.no_grad()
 def generate_one(model: MultiRefFlux, prompt: str, references: list[Image.Image], *, size: int, steps: int,
-                 guidance: float, seed: int) -> Image.Image:
-    """One image, with the model's transformer as it is now (LoRA token mask handled)."""
+                 guidance: float, seed: int, image_guidance: float = 1.0) -> Image.Image:
+    """One image, with the model's transformer as it is now (LoRA token mask handled per
+    guidance branch); `guidance` as in `MultiRefFlux.generate`."""
     from psr.core.attention import TokenLayout
     from psr.core.lora import lora_token_mask
+    from psr.core.model import Guidance
 
     grid = (size // model.token_stride, size // model.token_stride)
     text = model.encode_prompt([prompt])
     refs = model.encode_references(references, grid)
     latents = model.noise([seed], size, size)
     schedule = flux_schedule(model.components.scheduler.config, steps, grid[0] * grid[1])
-    g = None
-    if model.transformer.config.guidance_embeds:
-        g = torch.full((1,), float(guidance), device=model.device, dtype=torch.float32)
-    mask = TokenLayout.for_velocity(text.embeds.shape[1], grid, refs.grids).reference_mask()
-    with lora_token_mask(model.transformer, mask.to(model.device)):
-        latents = euler_sample(lambda x, t: model.velocity(x, t, text, refs, grid, g), latents, schedule)
+    how = Guidance.for_model(model.transformer, guidance, image_guidance)
+    null = model.null_prompt(1) if how.embedded is None and (how.text != 1.0 or how.image != 1.0) else None
+
+    def branch(branch_refs):
+        mask = TokenLayout.for_velocity(text.embeds.shape[1], grid, branch_refs.grids).reference_mask()
+        return lora_token_mask(model.transformer, mask.to(model.device))
+
+    latents = euler_sample(lambda x, t: model.guided_velocity(x, t, text, refs, grid, how, null, branch),
+                           latents, schedule)
     return imgs.to_pil(model.decode(latents, size, size))[0]
 
 

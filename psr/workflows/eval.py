@@ -53,7 +53,10 @@ def _generator_hash(recipe: EvalRecipe, mode: str) -> str:
     if mode == "reconstruct":  # only the VAE and the size matter
         what.update(reconstruct=[recipe.sample.height, recipe.sample.width])
     else:
-        what.update(sample=dataclasses.asdict(recipe.sample), seeds_per_item=recipe.seeds_per_item)
+        sample = dataclasses.asdict(recipe.sample)
+        if sample["image_guidance"] == 1.0:  # runs made before image guidance existed keep their hash
+            del sample["image_guidance"]
+        what.update(sample=sample, seeds_per_item=recipe.seeds_per_item)
     text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

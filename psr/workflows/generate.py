@@ -34,9 +34,30 @@ def embedded_model_note(model_path: str) -> str | None:
     return None if info.get("trained") else info.get("note", "the embedded model is untrained (random init)")
 
 
+def contact_sheet(references: Sequence, images: Sequence, cell: int = 128, gap: int = 8):
+    """One row: each reference, a gap, then each generated image, every picture scaled to a
+    `cell`-pixel square (nearest neighbour, so small renders stay crisp), on white."""
+    from PIL import Image
+
+    width = cell * (len(references) + len(images)) + (gap if references else 0)
+    sheet = Image.new("RGB", (width, cell), (255, 255, 255))
+    x = 0
+    for k, picture in enumerate([*references, *images]):
+        if k == len(references) and references:
+            x += gap
+        thumb = picture.convert("RGB")
+        scale = cell / max(thumb.size)
+        thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
+                             Image.Resampling.NEAREST)
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, (cell - thumb.height) // 2))
+        x += cell
+    return sheet
+
+
 def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[str], out_dir: str,
-                 show_progress: bool = True) -> list[Path]:
-    """Generate `recipe.sample.num_images` images; return the PNG paths written."""
+                 show_progress: bool = True, sheet: bool = False) -> list[Path]:
+    """Generate `recipe.sample.num_images` images; return the PNG paths written (and, with
+    `sheet`, last the run's contact sheet `NNNN.sheet.png`: references | images)."""
     from psr.core.images import load_image, sha256_of
     from psr.core.presets import PRESETS
 
@@ -69,7 +90,8 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
     with tqdm(total=sample.steps, desc="denoising", unit="step", disable=not show_progress,
               file=sys.stderr) as bar:
         images = model.generate(prompt, references, height=sample.height, width=sample.width,
-                                steps=sample.steps, guidance=sample.guidance, seeds=seeds,
+                                steps=sample.steps, guidance=sample.guidance, image_guidance=sample.image_guidance,
+                                seeds=seeds,
                                 progress=bar.update)
 
     first = _next_index(out)
@@ -86,6 +108,7 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
             "seed": seed,
             "steps": sample.steps,
             "guidance": sample.guidance,
+            "image_guidance": sample.image_guidance,
             "height": sample.height,
             "width": sample.width,
             "image": png.name,
@@ -93,4 +116,9 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
             "recipe": dataclasses.asdict(recipe),
         })
         written.append(png)
+    if sheet:
+        path = out / f"{first:04d}.sheet.png"
+        picture = contact_sheet(references, images)
+        write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+        written.append(path)
     return written

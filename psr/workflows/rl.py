@@ -106,6 +106,10 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
     for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
         frozen.requires_grad_(False).eval()
     transformer = model.transformer
+    if not transformer.config.guidance_embeds and recipe.rollout.guidance != 1.0:
+        raise UserError(f"rollout.guidance {recipe.rollout.guidance}: this model has no guidance embedding, and "
+                        "rollouts sample the unguided policy whose log-probabilities GRPO/GSPO/DPO use "
+                        "(no classifier-free guidance); set rollout.guidance = 1")
     init_note = load_weights(transformer, recipe.init, key="init") if recipe.init else None
     set_seed(recipe.train.seed)  # adapter initialisation; every draw of a step has its own generator
     named = apply_adapter(transformer, recipe.adapter)

@@ -70,3 +70,69 @@ def test_bad_requests_explain_themselves():
         tw.sample_example(0, 3, TRAIN, relation="above")
     with pytest.raises(ValueError, match="hold at least"):
         tw.sample_example(0, 3, (10, 12))
+
+
+# ---------------------------------------------------------------------------- levels
+def test_the_full_level_is_the_default_and_draws_what_it_always_drew():
+    for seed in range(5):
+        assert tw.sample_example(seed, 2, TRAIN).to_dict() == tw.sample_example(seed, 2, TRAIN, level="full").to_dict()
+    # pinned: the first example of the default level, so old datasets and benches stay reproducible
+    ex = tw.sample_example(5, 2, TRAIN)
+    assert ex.prompt == ("a picture of the blue checkered heart creature wearing a scarf above the green zigzag "
+                         "hexagon creature wearing a scarf and with a dark outline in the sky")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_easy_level_keeps_the_floor_position_and_scale_change_and_held_out_identities(k):
+    from psr.toyworld.layout import predicted_box
+
+    level = tw.sampling.LEVELS["easy"]
+    for seed in range(20):
+        ex = tw.sample_example(seed, k, EVAL, level="easy")
+        for subject, ref in zip(ex.target.subjects, ex.references):
+            identity = tw.Identity.from_id(subject.identity)
+            assert EVAL[0] <= subject.identity < EVAL[1]
+            assert (identity.eyes, identity.top) == ("two eyes", "none")
+            lone = ref.subjects[0]
+            assert lone.pose == subject.pose and lone.identity == subject.identity
+            # pixel size of the reference subject over the target's: 32 px reference, 64 px target
+            ratio = lone.size * 32 / (subject.size * 64)
+            assert ratio < 0.91 and ratio > 0.5  # never the same scale (shrunk only to fit the frame)
+            target_box, ref_box = predicted_box(subject), predicted_box(lone)
+            centre = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)  # noqa: E731
+            if k > 1:  # a lone target subject is centred like its reference (the bench has none)
+                assert centre(target_box) != pytest.approx(centre(ref_box), abs=0.02)
+        if k == 2:
+            from psr.toyworld.layout import relation_holds
+
+            a, b = (predicted_box(s) for s in ex.target.subjects)
+            assert relation_holds(a, b, ex.target.relation)
+    assert level.subject_sizes[2][0] > tw.sampling.SUBJECT_SIZES[2][0]
+
+
+def test_easy_level_puts_subjects_at_their_slots():
+    from psr.toyworld.layout import SLOTS, predicted_box
+
+    for seed in range(10):
+        ex = tw.sample_example(seed, 4, TRAIN, level="easy")
+        for subject, (x, y) in zip(ex.target.subjects, SLOTS[4]):
+            box = predicted_box(subject)
+            assert ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2) == pytest.approx((x, y), abs=0.06)
+        left = tw.sample_example(seed, 2, TRAIN, level="easy", relation="left of").target.subjects
+        assert left[0].x < left[1].x
+
+
+def test_unknown_level_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown ToyWorld level 'eazy'; known: \\['full', 'easy'\\]"):
+        tw.sample_example(0, 2, TRAIN, level="eazy")
+
+
+def test_synth_recipe_checks_the_level_and_its_reference_size():
+    from psr.core.schema import load_recipe
+    from psr.errors import RecipeError
+
+    assert load_recipe("synth", overrides=["toyworld.level='easy'", "toyworld.reference_size=32"]).toyworld.level == "easy"
+    with pytest.raises(RecipeError, match="toyworld.reference_size: level 'easy' renders references at 1/2"):
+        load_recipe("synth", overrides=["toyworld.level='easy'"])
+    with pytest.raises(RecipeError, match="toyworld.level: unknown level 'hard'"):
+        load_recipe("synth", overrides=["toyworld.level='hard'"])
