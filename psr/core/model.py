@@ -68,6 +68,11 @@ class Guidance:
         return cls(text=float(guidance), image=float(image_guidance))
 
     @property
+    def needs_null_prompt(self) -> bool:
+        """Whether some branch drops the prompt (CFG on a model without a guidance embedding)."""
+        return self.embedded is None and (self.text != 1.0 or self.image != 1.0)
+
+    @property
     def branches(self) -> int:
         """Transformer forwards per step with references: 1 when no CFG acts, up to 3."""
         if self.image == 1.0:
@@ -216,13 +221,11 @@ class MultiRefFlux:
             latents = self.encode_images(imgs.to_tensor(self.prepare_reference(image)))
             grids.append((latents.shape[2] // 2, latents.shape[3] // 2))
             tokens.append(pack(latents))
-        if tokens:
-            ids = torch.cat(reference_ids(target_grid, grids, self.position_scheme))
-            all_tokens = torch.cat(tokens, dim=1)
-        else:
-            ids = torch.zeros(0, 3)
-            all_tokens = torch.zeros(1, 0, self.latent_channels * 4, dtype=self.dtype)
-        return References(tokens=all_tokens.to(self.device, self.dtype), ids=ids.to(self.device), grids=grids)
+        if not tokens:
+            return self.no_references()
+        ids = torch.cat(reference_ids(target_grid, grids, self.position_scheme))
+        return References(tokens=torch.cat(tokens, dim=1).to(self.device, self.dtype), ids=ids.to(self.device),
+                          grids=grids)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -329,7 +332,7 @@ class MultiRefFlux:
         latents = self.noise(seeds, height, width)
         schedule = flux_schedule(self.components.scheduler.config, steps, grid[0] * grid[1])
         how = Guidance.for_model(self.transformer, guidance, image_guidance)
-        null = self.null_prompt(batch) if how.embedded is None and (how.text != 1.0 or how.image != 1.0) else None
+        null = self.null_prompt(batch) if how.needs_null_prompt else None
         with self._on_device(self.transformer):
             latents = euler_sample(
                 lambda x, t: self.guided_velocity(x, t, text, refs, grid, how, null), latents, schedule, progress)

@@ -7,7 +7,6 @@ Fields left at None take the preset's default when the recipe is resolved
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 

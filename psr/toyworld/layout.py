@@ -184,14 +184,14 @@ def place_free(rng: np.random.Generator, subjects: list[SubjectSpec], max_overla
 
 # Slot centres (x, y), fractions of the side, of each subject by count (and by relation for
 # two subjects): the `slots` layout of a ToyWorld level. Every slot owns a cell of
-# SLOT_CELL (one subject: the image), so neighbours never overlap.
+# SLOT_CELL (one subject: the image), so neighbours never overlap. "next to" has no fixed
+# slots: the pair stands side by side about the centre line (`place_slots`).
 SLOTS: dict = {
     1: ((0.5, 0.5),),
     ("left of",): ((0.27, 0.5), (0.73, 0.5)),
     ("right of",): ((0.73, 0.5), (0.27, 0.5)),
     ("above",): ((0.5, 0.27), (0.5, 0.73)),
     ("below",): ((0.5, 0.73), (0.5, 0.27)),
-    ("next to",): ((0.3, 0.5), (0.7, 0.5)),
     3: ((0.27, 0.28), (0.73, 0.28), (0.5, 0.73)),
     4: ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)),
 }
@@ -204,7 +204,6 @@ def place_slots(rng: np.random.Generator, subjects: list[SubjectSpec], relation:
     up to `jitter`, shrinking a subject whose box would not fit its cell; for two subjects
     the relation is checked with `relation_holds`, as `place_pair` does."""
     k = len(subjects)
-    centres = SLOTS[(relation,)] if k == 2 else SLOTS[k]
     cell = 1.0 - 2 * BORDER if k == 1 else SLOT_CELL
     fitted = []
     for subject in subjects:
@@ -215,6 +214,8 @@ def place_slots(rng: np.random.Generator, subjects: list[SubjectSpec], relation:
         gap = 0.03
         (ea, eb) = (_extent(s) for s in fitted)
         centres = ((0.5 - gap / 2 - (ea[2] - ea[0]) / 2, 0.5), (0.5 + gap / 2 + (eb[2] - eb[0]) / 2, 0.5))
+    else:
+        centres = SLOTS[(relation,)] if k == 2 else SLOTS[k]
     placed = []
     for subject, (cx, cy) in zip(fitted, centres):
         e = _extent(subject)

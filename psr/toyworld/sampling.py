@@ -172,7 +172,7 @@ def sample_target(
     """
     lvl = get_level(level)
     if num_subjects not in lvl.subject_sizes:
-        raise ValueError(f"num_subjects must be one of {sorted(SUBJECT_SIZES)}, got {num_subjects}")
+        raise ValueError(f"num_subjects must be one of {sorted(lvl.subject_sizes)}, got {num_subjects}")
     if relation is not None and num_subjects != 2:
         raise ValueError(f"relations are sampled for 2 subjects only, got relation={relation!r} with {num_subjects}")
     scene_names = tuple(scenes) if scenes is not None else tuple(SCENES)

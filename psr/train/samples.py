@@ -59,7 +59,7 @@ def generate_one(model: MultiRefFlux, prompt: str, references: list[Image.Image]
     latents = model.noise([seed], size, size)
     schedule = flux_schedule(model.components.scheduler.config, steps, grid[0] * grid[1])
     how = Guidance.for_model(model.transformer, guidance, image_guidance)
-    null = model.null_prompt(1) if how.embedded is None and (how.text != 1.0 or how.image != 1.0) else None
+    null = model.null_prompt(1) if how.needs_null_prompt else None
 
     def branch(branch_refs):
         mask = TokenLayout.for_velocity(text.embeds.shape[1], grid, branch_refs.grids).reference_mask()
