@@ -57,9 +57,21 @@ def main(argv=None) -> int:
     from psr import toyworld as tw
     from psr.core.components import load_components
     from psr.core.model import MultiRefFlux
+    from psr.errors import UserError
 
+    if args.level not in tw.sampling.LEVELS:
+        print(f"text_probe: --level {args.level!r}: known levels are {', '.join(tw.sampling.LEVELS)}", file=sys.stderr)
+        return 2
+    if args.rows < 50:
+        print(f"text_probe: --rows {args.rows}: need at least 50 prompts to fit and score a probe", file=sys.stderr)
+        return 2
+    try:
+        components = load_components(args.model, dtype="float32")
+    except UserError as err:
+        print(f"text_probe: --model: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
-    model = MultiRefFlux(load_components(args.model, dtype="float32"), max_sequence_length=64)
+    model = MultiRefFlux(components, max_sequence_length=64)
     examples = [tw.sample_example(3_000_000 + i, 2, tw.DEFAULT_ID_RANGES["train"], level=args.level)
                 for i in range(args.rows)]
     tokens, pooled = [], []

@@ -129,3 +129,30 @@ def test_reference_gain_missing_data_is_one_line_and_exit_2(tmp_path):
                            str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("reference_gain: ")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "text_probe: --model: model.path /no/such/model: not a FLUX folder"),
+    (["--level", "hard"], "text_probe: --level 'hard': known levels are full, easy"),
+    (["--rows", "3"], "text_probe: --rows 3: need at least 50 prompts"),
+])
+def test_text_probe_bad_input_is_one_line_and_exit_2(args, message):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "text_probe.py"), *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
+
+
+def test_text_probe_reads_a_linearly_coded_label_and_not_noise():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from text_probe import probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = [["a", "b", "c"][i % 3] for i in range(300)]
+    coded = np.eye(3)[[i % 3 for i in range(300)]] + 0.01 * rng.normal(size=(300, 3))
+    noise = rng.normal(size=(300, 3))
+    assert probe_accuracy(coded, labels, train=240) == 1.0
+    assert probe_accuracy(noise, labels, train=240) < 0.6
