@@ -23,6 +23,7 @@ demo: $(STAMP)
 		--image-guidance 2 --num-images 4 --sheet --out psr-out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

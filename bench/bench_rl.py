@@ -47,7 +47,7 @@ def toyworld_weights() -> bool:
 
 
 def run_one(name: str, args, data: str, work: Path) -> dict[str, float]:
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.workflows.rl import run_rl
 
     path = ROOT / "recipes" / f"{name}.toml"
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         data = args.data
         if data is None:
-            from psr.core.schema import load_recipe
+            from psr.cli.recipes import load_recipe
             from psr.workflows.synth import run_synth
 
             data = str(work / "data")

@@ -117,7 +117,7 @@ def test_text_cfg_without_the_empty_prompt_is_a_programming_error(plain_model, r
     ("sample.image_guidance", "nan", "image_guidance"),
 ])
 def test_bad_guidance_values_are_refused(key, value, message):
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe("generate", overrides=[f"{key}={value}"])
@@ -125,7 +125,7 @@ def test_bad_guidance_values_are_refused(key, value, message):
 
 def test_rl_refuses_guidance_it_would_not_apply():
     """RL rollouts sample the unguided policy: a CFG scale there would be silently ignored."""
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.rl.config import resolve_rl
 
     recipe = load_recipe("rl", GSPO_TOY, ["rollout.guidance=3.5"])

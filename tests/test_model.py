@@ -97,8 +97,9 @@ def test_same_seed_same_pixels_and_seed_per_image(tiny_model):
 
 
 def test_saved_tiny_model_loads_back_as_flux_dev_local_path(tiny_components, tmp_path):
+    from psr.cli.recipes import load_recipe
     from psr.core.components import save_components
-    from psr.core.schema import load_recipe, resolve_generate
+    from psr.core.schema import resolve_generate
 
     save_components(tiny_components, tmp_path / "flux")
     recipe = resolve_generate(load_recipe("generate", overrides=[
@@ -120,7 +121,7 @@ def test_saved_tiny_model_loads_back_as_flux_dev_local_path(tiny_components, tmp
 
 
 def test_pretrained_presets_need_a_path_and_a_flux_folder(tmp_path):
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.errors import UserError
 
     for overrides, message in [

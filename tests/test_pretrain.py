@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from psr.cli import main
-from psr.core.schema import load_recipe
+from psr.cli.recipes import load_recipe
 from psr.errors import RecipeError, UserError
 from psr.train import checkpoint as ckpt
 from psr.train import objective as obj
@@ -363,8 +363,8 @@ def test_model_card_keeps_the_base_architecture_facts(tmp_path):
 
 
 def test_weights_kind_reads_what_a_source_is_from_its_file_names(tmp_path):
-    from psr.train.export import LORA_FILE, MOE_FILE
-    from psr.train.weights import weights_kind
+    from psr.core.adapters import LORA_FILE, MOE_FILE
+    from psr.core.weights import weights_kind
 
     def folder(name, *files):
         path = tmp_path / name

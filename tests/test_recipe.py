@@ -1,13 +1,14 @@
 """Recipes: TOML → frozen dataclasses, with errors that name the key path."""
 
-from dataclasses import dataclass, field, FrozenInstanceError
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from psr.cli.recipes import RECIPE_KINDS, load_recipe
 from psr.core.recipe import apply_overrides, build, parse_override, read_toml, to_toml
-from psr.core.schema import RECIPE_KINDS, GenerateRecipe, load_recipe, resolve_generate
+from psr.core.schema import GenerateRecipe, resolve_generate
 from psr.errors import RecipeError, UserError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from psr.cli import main
+from psr.cli.recipes import load_recipe
 from psr.core.detect import Detection
-from psr.core.schema import load_recipe
 from psr.errors import RecipeError
 from psr.train import checkpoint as ckpt
 
@@ -250,13 +250,12 @@ def test_focusdpo_starts_at_log_2_and_moves_the_lora(gspo_run, data, tmp_path, o
 
 
 def test_init_merges_a_lora_file_and_an_rl_checkpoint(gspo_run, tiny_components):
+    from psr.core.adapters import AdapterConfig, apply_adapter, load_trainable
     from psr.core.lora import add_lora, save_lora
     from psr.core.model import MultiRefFlux
     from psr.core.schema import ModelConfig
+    from psr.core.weights import load_weights
     from psr.train.checkpoint import load_tensors
-    from psr.train.config import AdapterConfig
-    from psr.train.export import apply_adapter, load_trainable
-    from psr.train.weights import load_weights
 
     inputs = _inputs()
     tuned = copy.deepcopy(tiny_components.transformer)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from psr.core.schema import load_recipe
+from psr.cli.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

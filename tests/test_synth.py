@@ -1,7 +1,6 @@
 """psr synth: the dataset format, ground truth, resume after a kill, PSRBench export."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from psr import toyworld as tw
 from psr.cli import main
-from psr.core.schema import load_recipe
+from psr.cli.recipes import load_recipe
 from psr.synth.dataset import SynthDataset, rle_decode, rle_encode
 from psr.workflows.synth import run_synth
 

@@ -14,6 +14,7 @@ from psr.core.detect import (LOCALIZERS, Detection, assign_boxes, box_iou, box_m
 from psr.core.features import build_feature_extractor
 from psr.errors import UserError
 from psr.synth import stages as S
+from psr.synth.stages import common, filters, matchers, prompts
 from psr.synth.pipeline import SynthPipeline, category_pairs
 from psr.synth.sample import Rejection, SynthSample
 
@@ -160,8 +161,8 @@ def test_template_prompt_names_every_category_and_is_seeded():
     assert "an owl" in plan.text and "a cat" in plan.text and plan.scene in plan.text
     assert plan.source == "template" and plan.subject_name(0) == "the owl"
     assert len({stage(["owl", "cat"], seed=s).text for s in range(20)}) > 3
-    assert "a dog, a cat and an owl" in S.template_plan(["dog", "cat", "owl"], 0).render() or \
-        "a dog, a cat and an owl" in S.template_plan(["dog", "cat", "owl"], 1).render()
+    assert "a dog, a cat and an owl" in prompts.template_plan(["dog", "cat", "owl"], 0).render() or \
+        "a dog, a cat and an owl" in prompts.template_plan(["dog", "cat", "owl"], 1).render()
 
 
 @pytest.mark.parametrize("raw, categories, expected", [
@@ -174,7 +175,7 @@ def test_template_prompt_names_every_category_and_is_seeded():
     ("cat " * 200, ["cat"], ("cat " * 75).strip()),  # cut at a word boundary, 300 chars max
 ])
 def test_sanitize_llm_text_known_answers(raw, categories, expected):
-    assert S.sanitize_llm_text(raw, categories) == expected
+    assert prompts.sanitize_llm_text(raw, categories) == expected
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_llm_prompt_falls_back_to_the_template_and_counts_it(llm_stage):
     plan = llm_stage(["cat", "dog"], seed=11)
     # An untrained model does not name both categories: the template's text is used.
     assert plan.source == "llm-fallback"
-    assert plan.text == S.template_plan(["cat", "dog"], 11).text
+    assert plan.text == prompts.template_plan(["cat", "dog"], 11).text
     assert (llm_stage.calls, llm_stage.fallbacks) == (before[0] + 1, before[1] + 1)
     assert llm_stage.generate_text("Sentence:", 5) == llm_stage.generate_text("Sentence:", 5)
 
@@ -227,10 +228,10 @@ def test_kontext_personalize_renders_the_crop_in_another_scene(tiny_model):
 def test_edit_rewrites_the_prompt_to_match_the_instruction(tiny_model):
     stage = S.build_stage("edit", "cpu", {"name": "kontext-edit", "preset": "tiny", "model": tiny_model,
                                           "steps": 1, "kinds": ["background"]})
-    plan = S.template_plan(["cat", "dog"], 0)
+    plan = prompts.template_plan(["cat", "dog"], 0)
     kind, instruction, new = stage.choose(plan, seed=1)
     place = instruction.removeprefix("change the background to ")
-    assert kind == "background" and new.scene == S.SCENES[place] != plan.scene
+    assert kind == "background" and new.scene == prompts.SCENES[place] != plan.scene
     assert new.text == new.render() and new.scene in new.text and plan.scene not in new.text
 
     stage.kinds = ("attribute",)
@@ -257,7 +258,7 @@ TILT = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0]]), dim=-1)
     (torch.cat([E[:1], TILT]), torch.cat([E[:1], TILT]), True, None),  # pairwise 0.707 < 0.9
 ])
 def test_cosine_verdict_known_answers(references, crops, keep, reason):
-    verdict = S.cosine_verdict(references, crops, threshold=0.7, distinct_threshold=0.9, labels=["cat", "dog"])
+    verdict = filters.cosine_verdict(references, crops, threshold=0.7, distinct_threshold=0.9, labels=["cat", "dog"])
     assert verdict.keep is keep
     assert (verdict.reason is None) if reason is None else (reason in verdict.reason)
 
@@ -302,20 +303,20 @@ def test_mutual_nearest_neighbours_known_answer():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
     b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     # a0↔b1 and a1↔b0 are mutual; a2's nearest is b1, whose nearest is a0, so a2 is out.
-    assert S.mutual_nearest_neighbours(a, b) == [(0, 1), (1, 0)]
-    assert S.mutual_nearest_neighbours(a, b, min_similarity=1.5) == []
+    assert matchers.mutual_nearest_neighbours(a, b) == [(0, 1), (1, 0)]
+    assert matchers.mutual_nearest_neighbours(a, b, min_similarity=1.5) == []
 
 
 def test_patch_tokens_map_patch_centres_to_the_token_grid():
     # 4 x 4 patches over a 32 x 32 image, tokens of 16 px: 2 x 2 patches per token.
-    assert S.patch_tokens((4, 4), (32, 32), 16) == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+    assert matchers.patch_tokens((4, 4), (32, 32), 16) == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
     mask = np.zeros((32, 32), bool)
     mask[:, 16:] = True
-    assert S.patch_tokens((2, 2), (32, 32), 16, mask) == [None, 1, None, 3]
+    assert matchers.patch_tokens((2, 2), (32, 32), 16, mask) == [None, 1, None, 3]
 
 
 def test_mnn_on_a_shifted_copy_maps_tokens_by_the_shift():
-    matcher = S.MnnMatcher(PixelPatches(), min_similarity=0.99)
+    matcher = matchers.MnnMatcher(PixelPatches(), min_similarity=0.99)
     reference, target = shifted_pair(16)  # 2 tokens of 8 px
     pairs = matcher(reference, target, None, None, token_stride=8)
     assert pairs == sorted((r * 8 + c, r * 8 + c + 2) for r in range(8) for c in range(6))
@@ -335,7 +336,7 @@ def test_mnn_on_a_shifted_copy_maps_tokens_by_the_shift():
     ([(2, 5)], [(0, 5)], 3, []),  # the other matcher matched another reference token
 ])
 def test_agreement_known_answers(pairs, other, radius, expected):
-    assert S.agree(pairs, other, grid_w=4, radius=radius) == expected
+    assert matchers.agree(pairs, other, grid_w=4, radius=radius) == expected
 
 
 def test_dinov2_matcher_with_agreement_returns_tokens_inside_the_masks(dinov2, dino):
@@ -436,6 +437,6 @@ def test_category_pairs_are_distinct_and_seeded():
 
 
 def test_derive_seed_is_stable_and_separates_steps():
-    assert S.derive_seed(5, "target") == S.derive_seed(5, "target")
-    assert len({S.derive_seed(5, "personalize", i) for i in range(10)}) == 10
-    assert 0 <= S.derive_seed(2**40, "x") < 2**31
+    assert common.derive_seed(5, "target") == common.derive_seed(5, "target")
+    assert len({common.derive_seed(5, "personalize", i) for i in range(10)}) == 10
+    assert 0 <= common.derive_seed(2**40, "x") < 2**31

@@ -231,7 +231,7 @@ def test_fit_runs_writes_weights_and_metrics(model, tmp_path, one_thread, capsys
 
 def test_fit_resumes_from_its_checkpoint(tmp_path, one_thread, monkeypatch):
     from psr.cli import main
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.fit.loop import run_fit
     from psr.fit.toy_identity import ToyIdentityFitter
 
@@ -258,7 +258,7 @@ def test_fit_resumes_from_its_checkpoint(tmp_path, one_thread, monkeypatch):
 
 
 def test_fit_recipe_errors_name_the_key():
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.errors import RecipeError
 
     with pytest.raises(RecipeError, match="options.crp: unknown key"):

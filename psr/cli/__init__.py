@@ -12,6 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from psr.cli.recipes import RECIPE_KINDS, load_recipe
+from psr.core.presets import PRESETS
+from psr.core.recipe import _suggest, read_toml
 from psr.errors import UserError
 
 app = typer.Typer(
@@ -62,7 +65,6 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Generate images of the reference subjects doing what the prompt says."""
-    from psr.core.schema import load_recipe
     from psr.workflows.generate import run_generate
 
     overrides = list(set_ or [])
@@ -90,7 +92,6 @@ def synth(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Synthesize multi-subject training data, or a PSRBench-format benchmark."""
-    from psr.core.schema import load_recipe
     from psr.workflows.synth import run_synth
 
     run_synth(load_recipe("synth", recipe, set_ or []), out, num_samples, show_progress=not quiet)
@@ -102,13 +103,8 @@ def validate(
     set_: SetOpt = None,
 ):
     """Check a recipe (keys, types, values, names) without loading any weights."""
-    from psr.core.recipe import read_toml
-    from psr.core.schema import RECIPE_KINDS, load_recipe
-
     kind = read_toml(recipe).get("command")
     if kind not in RECIPE_KINDS:
-        from psr.core.recipe import _suggest
-
         hint = _suggest(kind, RECIPE_KINDS) if isinstance(kind, str) else ""
         raise UserError(f"{recipe}: command: must name one of {', '.join(RECIPE_KINDS)}, "
                         f"got {kind!r}{hint}")
@@ -119,8 +115,6 @@ def validate(
 @app.command()
 def presets():
     """List the model presets a recipe can name in `model.preset`."""
-    from psr.core.presets import PRESETS
-
     for name, preset in PRESETS.items():
         print(f"{name:14s} {preset.description}")
 
@@ -143,7 +137,6 @@ def eval_(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Generate a PSRBench-format bench and score it (consistency, position, ToyWorld checks)."""
-    from psr.core.schema import load_recipe
     from psr.workflows.eval import parse_subsets, run_eval
 
     overrides = list(set_ or [])
@@ -168,7 +161,6 @@ def fit(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Train one of psr's small models (ToyWorld perception, …) and write its weights + metrics.json."""
-    from psr.core.schema import load_recipe
     from psr.fit.loop import format_metrics, run_fit
 
     overrides = list(set_ or [])
@@ -202,7 +194,6 @@ def pretrain(
             raise UserError("--export: give the model folder to write with --out")
         print(export_checkpoint(export, out, merge=merge, use_ema=not no_ema, dtype=dtype))
         return
-    from psr.core.schema import load_recipe
     from psr.workflows.pretrain import run_pretrain
 
     overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])
@@ -220,7 +211,6 @@ def rl(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Tune with rewards: GRPO / GSPO over SDE rollouts, or FocusDPO on preference pairs."""
-    from psr.core.schema import load_recipe
     from psr.workflows.rl import run_rl
 
     overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])

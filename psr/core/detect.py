@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from psr.core.components import HoldsModel
+from psr.core.features import _first_line, _resolve_device, _torch_dtype
+from psr.core.recipe import lookup
+from psr.core.registry import Registry
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -132,8 +135,13 @@ def build_tiny_grounding_dino(seed: int = 0, words: Sequence[str] = (), config: 
     BERT, and a processor whose images are resized so the shorter side is `image_size`
     (at 64 px the coarsest of the 4 feature levels would be 1x1, which GroupNorm rejects)."""
     import torch
-    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
     from transformers.models.grounding_dino import GroundingDinoImageProcessor
 
     tokenizer = build_tiny_bert_tokenizer(words)
@@ -254,8 +262,6 @@ def _grounding_dino(device="cpu", *, path: str | None = None, tiny: bool = False
                     dtype: str = "float32") -> GroundingDinoLocalizer:
     """`path`: hub id (IDEA-Research/grounding-dino-tiny) or local folder holding model and
     processor. `tiny`/`config`: random-init test model; `words` join its vocabulary."""
-    from psr.core.features import _first_line, _resolve_device, _torch_dtype
-
     if path is not None:
         if tiny or config:
             raise UserError("grounding-dino: give either path or tiny/config, not both")
@@ -281,17 +287,13 @@ def _grounding_dino(device="cpu", *, path: str | None = None, tiny: bool = False
                                   max_detections=max_detections)
 
 
-# The ToyWorld localizer module imports nothing from this one, so no cycle.
-from psr.toyworld.perception.localizer import toyworld_localizer  # noqa: E402
-
-LOCALIZERS: dict[str, Callable[..., Localizer]] = {
+# ToyWorld's localizer lives in a higher layer; it is named by path and imported on first use.
+LOCALIZERS: Registry[Callable[..., Localizer]] = Registry("localizer", {
     "grounding-dino": _grounding_dino,
-    "toyworld": toyworld_localizer,
-}
+    "toyworld": "psr.toyworld.perception.localizer:toyworld_localizer",
+})
 
 
 def build_localizer(name: str, device="cpu", **options: Any) -> Localizer:
     """`LOCALIZERS[name](device, **options)` with a one-line error for a bad name."""
-    from psr.core.recipe import lookup
-
     return lookup(LOCALIZERS, name, "localizer")(device, **options)

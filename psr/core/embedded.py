@@ -22,12 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from psr.core.components import FluxComponents
+from psr.core.components import FluxComponents, save_components
 from psr.core.tiny import (
     assemble_components,
     build_tiny_text_encoders,
     flux_transformer,
 )
+from psr.errors import UserError
 
 # The defaults of `build_embedded_components`, as one table so scripts and docs agree.
 EMBEDDED_SIZES: dict[str, Any] = {
@@ -189,8 +190,6 @@ def load_toy_vae(path: str | Path | None = None):
     import torch
     from diffusers import AutoencoderKL
 
-    from psr.errors import UserError
-
     folder = Path(path).expanduser() if path is not None else TOY_VAE_DIR
     if not (folder / "config.json").is_file():
         raise UserError(f"vae {folder}: no AutoencoderKL folder there (train one with "
@@ -210,9 +209,6 @@ def write_embedded_base(out: str | Path, *, seed: int = 0, vae_path: str | Path 
     import os
     import shutil
     import tempfile
-
-    from psr.core.components import save_components
-    from psr.errors import UserError
 
     out = Path(out)
     if out.exists():

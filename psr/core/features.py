@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
-from psr.core.components import HoldsModel
+from psr.core.components import HoldsModel, resolve_device, torch_dtype
+from psr.core.recipe import lookup
+from psr.core.registry import Registry
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -109,14 +111,11 @@ def _resolve_device(device) -> "torch.device":
 
     if isinstance(device, torch.device):
         return device
-    from psr.core.model import resolve_device
 
     return resolve_device(str(device))
 
 
 def _torch_dtype(name: str):
-    from psr.core.components import torch_dtype
-
     try:
         return torch_dtype(name)
     except KeyError:
@@ -193,13 +192,15 @@ def _load_vit(kind: str, device, path, tiny, config, dtype, seed):
     import torch
 
     if kind == "dino":
-        from transformers import ViTConfig as Config, ViTModel as Model
+        from transformers import ViTConfig as Config
+        from transformers import ViTModel as Model
 
         tiny_sizes, example = TINY_VIT, "facebook/dino-vits16"
         # DINO checkpoints carry no pooler; the class token after the final norm is the embedding.
         extra = {"add_pooling_layer": False}
     else:
-        from transformers import Dinov2Config as Config, Dinov2Model as Model
+        from transformers import Dinov2Config as Config
+        from transformers import Dinov2Model as Model
 
         tiny_sizes, example = TINY_DINOV2, "facebook/dinov2-small"
         extra = {}
@@ -358,21 +359,17 @@ def _clip(device="cpu", *, arch: str = "ViT-B-32", path: str | None = None, tiny
 
 
 # ---------------------------------------------------------------------------- registry
-# The ToyWorld encoder module imports nothing from this one, so no cycle.
-from psr.toyworld.perception.identity import toyworld_extractor  # noqa: E402
-
-FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
+# ToyWorld's encoder lives in a higher layer; it is named by path and imported on first use.
+FEATURE_EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor", {
     "dino": _dino,
     "dinov2": _dinov2,
     "clip": _clip,
-    "toyworld": toyworld_extractor,
-}
+    "toyworld": "psr.toyworld.perception.identity:toyworld_extractor",
+})
 
 
 def build_feature_extractor(name: str, device="cpu", **options: Any) -> FeatureExtractor:
     """`FEATURE_EXTRACTORS[name](device, **options)` with a one-line error for a bad name."""
-    from psr.core.recipe import lookup
-
     return lookup(FEATURE_EXTRACTORS, name, "feature extractor")(device, **options)
 
 

@@ -38,10 +38,12 @@ from pathlib import Path
 import torch
 
 from psr.core.attention import select_blocks
+from psr.core.io import write_atomic
 from psr.core.moe_lora import (  # noqa: F401
     MoELoRA,
     add_moe_lora,
     load_moe_lora,
+    mark_adapters_trainable,
     moe_aux_loss,
     save_moe_lora,
 )
@@ -169,17 +171,6 @@ def _lora_layers(transformer):
     return [(name, m) for name, m in transformer.named_modules() if isinstance(m, LoraLayer)]
 
 
-def mark_adapters_trainable(transformer) -> list[torch.nn.Parameter]:
-    """Freeze every parameter except LoRA and MoE-LoRA ones; returns the trainable ones."""
-    transformer.requires_grad_(False)
-    trainable = []
-    for name, param in transformer.named_parameters():
-        if ".lora_A" in name or ".lora_B" in name or ".router." in name:
-            param.requires_grad_(True)
-            trainable.append(param)
-    return trainable
-
-
 def add_lora(transformer, rank: int = 16, alpha: float | None = None, targets: Sequence[str] = ("attn",),
              reference_only: bool = False, *, blocks: Sequence[str] = ("all",), dropout: float = 0.0,
              modules: Sequence[str] | None = None) -> list[str]:
@@ -266,8 +257,6 @@ def _diffusers_metadata(transformer) -> dict:
 def save_lora(transformer, path: str | Path) -> Path:
     """Write the adapter as one safetensors file (format in the module docstring), atomically."""
     from safetensors.torch import save_file
-
-    from psr.core.io import write_atomic
 
     settings = getattr(transformer, "_psr_lora_settings", None)
     if settings is None:

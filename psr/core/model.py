@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from psr.core import images as imgs
-from psr.core.components import FluxComponents
+from psr.core.components import FluxComponents, resolve_device
 from psr.core.packing import pack, unpack
 from psr.core.positions import grid_ids, reference_ids
 from psr.core.sampler import euler_sample, flux_schedule
+from psr.core.weights import load_model_components
 from psr.errors import UserError
 
 
@@ -80,22 +81,6 @@ class Guidance:
         return 2 if self.text == 1.0 and self.embedded is not None else 3
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r}: not a torch device (try 'auto', 'cpu', 'cuda', 'cuda:1')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: CUDA is not available on this machine")
-    return device
-
-
 class MultiRefFlux:
     """FLUX components plus the in-context reference sequence.
 
@@ -127,8 +112,6 @@ class MultiRefFlux:
     @classmethod
     def from_config(cls, config) -> "MultiRefFlux":
         """Build from a resolved `ModelConfig` (preset loaded, device, attention backend)."""
-        from psr.core.presets import load_model_components
-
         device = resolve_device(config.device)
         components = load_model_components(config)
         if config.attention_backend:

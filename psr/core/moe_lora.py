@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from psr.core.attention import select_blocks
+from psr.core.io import write_atomic
 from psr.errors import UserError
 
 MOE_TARGETS = ("ff", "ff_context", "proj_mlp")
@@ -136,13 +137,22 @@ def resolve_moe_targets(transformer, blocks: Sequence[str] = ("all",),
     return names
 
 
+def mark_adapters_trainable(transformer) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except LoRA and MoE-LoRA ones; returns the trainable ones."""
+    transformer.requires_grad_(False)
+    trainable = []
+    for name, param in transformer.named_parameters():
+        if ".lora_A" in name or ".lora_B" in name or ".router." in name:
+            param.requires_grad_(True)
+            trainable.append(param)
+    return trainable
+
+
 def add_moe_lora(transformer, experts: int = 4, top_k: int = 1, rank: int = 16, alpha: float | None = None, *,
                  blocks: Sequence[str] = ("all",), targets: Sequence[str] = MOE_TARGETS,
                  modules: Sequence[str] | None = None) -> list[str]:
     """Wrap the selected FFN modules in `MoELoRA` (in place), freeze every non-adapter
     parameter and return the wrapped names."""
-    from psr.core.lora import mark_adapters_trainable
-
     if experts < 1:
         raise UserError(f"MoE-LoRA: experts {experts} must be ≥ 1")
     if _moe_modules(transformer):
@@ -186,8 +196,6 @@ def remove_moe_lora(transformer):
 def save_moe_lora(transformer, path: str | Path) -> Path:
     """Write routers and experts to one safetensors file (format in the module docstring)."""
     from safetensors.torch import save_file
-
-    from psr.core.io import write_atomic
 
     wrapped = _moe_modules(transformer)
     if not wrapped:

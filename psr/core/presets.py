@@ -5,10 +5,14 @@ Importing this module is cheap: each loader imports torch and diffusers when it 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from psr.core.components import load_components
+from psr.core.registry import Registry
+from psr.core.tiny import build_tiny_components
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,8 +43,6 @@ class Preset:
 
 
 def _load_pretrained(config: "ModelConfig") -> "FluxComponents":
-    from psr.core.components import load_components
-
     if not config.path:
         raise UserError(
             f"model.path: preset {config.preset!r} needs a local directory or a hub id "
@@ -50,12 +52,10 @@ def _load_pretrained(config: "ModelConfig") -> "FluxComponents":
 
 
 def _load_tiny(config: "ModelConfig") -> "FluxComponents":
-    from psr.core.tiny import build_tiny_components
-
     return build_tiny_components(seed=config.init_seed, dtype=config.dtype)
 
 
-PRESETS: dict[str, Preset] = {
+PRESETS: Registry[Preset] = Registry("preset", {
     "embedded": Preset(
         description="the embedded architecture trained on ToyWorld, weights shipped in the package (CPU-friendly)",
         load=_load_pretrained, dtype="float32", size=64, reference_size=32,
@@ -77,17 +77,13 @@ PRESETS: dict[str, Preset] = {
         load=_load_pretrained, dtype="bfloat16", size=1024, reference_size=512,
         max_sequence_length=512, steps=28, guidance=2.5, token_stride=16,
     ),
-}
+})
 
 
-def load_model_components(config: "ModelConfig") -> "FluxComponents":
-    """The preset's components, with `model.weights` (trained weights) loaded into the
-    transformer when the recipe names them."""
-    if not config.weights:
-        return PRESETS[config.preset].load(config)
-    from psr.train.weights import load_weights, weights_kind
-
-    weights_kind(config.weights)  # a wrong path fails before the model loads
-    components = PRESETS[config.preset].load(config)
-    load_weights(components.transformer, config.weights)
-    return components
+def embedded_model_note(model_path: str) -> str | None:
+    """The shipped model card's warning, if the embedded weights are not trained."""
+    card = Path(model_path) / "psr_model.json"
+    if not card.is_file():
+        return None
+    info = json.loads(card.read_text())
+    return None if info.get("trained") else info.get("note", "the embedded model is untrained (random init)")

@@ -247,3 +247,17 @@ def to_toml(recipe: Any, header: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     _emit(dataclasses.asdict(recipe), "", lines)
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def load_recipe(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read a recipe for `schema` (a command's recipe dataclass, whose `command` field names
+    the command) from TOML, or start from its defaults; apply `--set` overrides and build it.
+    Raises `UserError`/`RecipeError` on any mistake, including a recipe of another command."""
+    kind = schema.__dataclass_fields__["command"].default
+    data = read_toml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    declared = data.get("command", kind)
+    if declared != kind:
+        where = f"recipe {path}" if path else "recipe"
+        raise RecipeError("command", f"{where} is a {declared!r} recipe, not a {kind!r} one")
+    return build(schema, data)

@@ -42,6 +42,8 @@ from psr.core.attention import (
     check_block_names,
     select_blocks,
 )
+from psr.core.recipe import lookup
+from psr.core.registry import Registry
 from psr.errors import RecipeError, UserError
 
 
@@ -214,11 +216,11 @@ class MosaicSep:
         return mosaic_sep_loss(capture.mean("refs_to_target", blocks), batch)
 
 
-REGULARIZERS: dict[str, Regularizer] = {
+REGULARIZERS: Registry[Regularizer] = Registry("regularizer", {
     "idar": IDAR(),
     "mosaic_align": MosaicAlign(),
     "mosaic_sep": MosaicSep(),
-}
+})
 
 
 @dataclass(frozen=True)
@@ -242,8 +244,6 @@ class RegularizerSpec:
     def __post_init__(self):
         object.__setattr__(self, "blocks", tuple(self.blocks))
         if self.name not in REGULARIZERS:
-            from psr.core.recipe import lookup
-
             try:
                 lookup(REGULARIZERS, self.name, "regularizer")
             except UserError as err:

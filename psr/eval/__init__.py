@@ -9,6 +9,3 @@
     sheets.py      contact sheets
 """
 
-# psr.core.schema lists EvalRecipe in RECIPE_KINDS and psr.eval.config builds on the schema's
-# ModelConfig; importing the schema first keeps that pair acyclic whichever is imported first.
-import psr.core.schema  # noqa: F401

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from psr.core.recipe import _suggest
 from psr.errors import UserError
 
 # PSRBench's order, so tables list subsets the way the paper does.
@@ -125,8 +126,6 @@ def _check_item(subset: str, index: int, item, root: Path) -> Item:
 
 def load_bench(folder: str | Path, subsets: Sequence[str] = ()) -> Bench:
     """Read and check every item of the chosen subsets (all subsets when empty)."""
-    from psr.core.recipe import _suggest
-
     root = Path(folder).expanduser()
     if not root.exists():
         raise UserError(f"bench {root}: no such folder")

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from psr.core.schema import ModelConfig, SampleConfig
+from psr.core.detect import LOCALIZERS
+from psr.core.features import FEATURE_EXTRACTORS
+from psr.core.recipe import _suggest
 from psr.core.recipe import require as _require
+from psr.core.schema import GenerateRecipe, ModelConfig, SampleConfig, resolve_generate
 from psr.errors import RecipeError
+from psr.rewards import RewardSpec, check_reward_specs
 
 
 def _check_component(key: str, options: dict, registry: dict, what: str) -> None:
-    from psr.core.recipe import _suggest
-
     name = options.get("name")
     _require(isinstance(name, str), f"{key}.name", f"required: one of {', '.join(registry)}")
     _require(name in registry, f"{key}.name",
@@ -86,9 +88,6 @@ class EvalRecipe:
     """Side in pixels of each image in the contact sheets (NEAREST when enlarging)."""
 
     def __post_init__(self):
-        from psr.core.detect import LOCALIZERS
-        from psr.core.features import FEATURE_EXTRACTORS
-
         _require(self.model.max_references >= 1, "model.max_references", "must be >= 1 to evaluate")
         _require(self.sample.num_images == 1, "sample.num_images",
                  "eval makes seeds_per_item images per item; set seeds_per_item instead")
@@ -109,8 +108,6 @@ class EvalRecipe:
 
     def _check_rewards(self) -> None:
         """Names and options through psr.rewards' own checks (no weights load)."""
-        from psr.rewards import RewardSpec, check_reward_specs
-
         specs = []
         for i, spec in enumerate(self.rewards):
             try:
@@ -132,8 +129,6 @@ class EvalRecipe:
 def resolve_eval(recipe: EvalRecipe) -> EvalRecipe:
     """Fill the model/sample values a preset decides (as `psr generate` does)."""
     from dataclasses import replace
-
-    from psr.core.schema import GenerateRecipe, resolve_generate
 
     resolved = resolve_generate(GenerateRecipe(model=recipe.model, sample=recipe.sample))
     return replace(recipe, model=resolved.model, sample=resolved.sample)

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from psr.core import images as imgs
 from psr.core.io import write_atomic
+from psr.core.model import MultiRefFlux
+from psr.core.packing import pack
+from psr.core.presets import embedded_model_note
 from psr.eval.bench import Item
+from psr.eval.perception import UnreadableImage, open_picture
 from psr.eval.scoring import failure_reason  # re-raises out-of-memory errors
 
 if TYPE_CHECKING:
@@ -48,8 +53,6 @@ def generate_missing(recipe: "EvalRecipe", out: Path, items: Sequence[Item], sho
     for the samples that could not be made."""
     from tqdm import tqdm
 
-    from psr.eval.perception import UnreadableImage, open_picture
-
     n = recipe.seeds_per_item
     jobs = []
     for item in items:
@@ -60,14 +63,10 @@ def generate_missing(recipe: "EvalRecipe", out: Path, items: Sequence[Item], sho
     if not jobs:
         return 0, failures
 
-    from psr.core.model import MultiRefFlux
-
     model = MultiRefFlux.from_config(recipe.model)
     sample = recipe.sample
     model.check_size(sample.height, sample.width)
     if recipe.model.preset == "embedded":
-        from psr.workflows.generate import embedded_model_note
-
         if note := embedded_model_note(recipe.model.path):
             print(f"psr: note: {note}", file=sys.stderr)
     written = 0
@@ -103,11 +102,6 @@ def reconstruct_missing(recipe: "EvalRecipe", out: Path, bench: "Bench", items: 
     this VAE's latent space: details the VAE cannot keep, no transformer can put back."""
     from PIL import Image
     from tqdm import tqdm
-
-    from psr.core import images as imgs
-    from psr.core.model import MultiRefFlux
-    from psr.core.packing import pack
-    from psr.eval.perception import UnreadableImage, open_picture
 
     todo = [item for item in items if not output_path(out, item, 0, 1).is_file()]
     failures: dict[tuple[str, int, int], str] = {}

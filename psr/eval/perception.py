@@ -15,8 +15,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from psr.core.components import resolve_device
+from psr.core.detect import build_localizer, crop_box
+from psr.core.features import build_feature_extractor
+from psr.core.images import load_image
 from psr.errors import UserError
 from psr.eval.cache import DiskCache, component_key, text_hash
+from psr.rewards import REWARDS, RewardBatch
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,8 +54,6 @@ class UnreadableImage(Exception):
 def open_picture(path: Path, what: str = "image") -> Picture:
     """Read `path` as RGB (psr's reader: EXIF, alpha onto white, 16-bit → 8-bit) or raise
     `UnreadableImage` with the reason."""
-    from psr.core.images import load_image
-
     try:
         image = load_image(path, what)
         data = Path(path).read_bytes()
@@ -103,15 +106,10 @@ class Perception:
 
     # ------------------------------------------------------------------ components
     def _device(self) -> str:
-        from psr.core.model import resolve_device
-
         return str(resolve_device(self.device))
 
     def _component(self, kind: str):
         if kind not in self._components:
-            from psr.core.detect import build_localizer
-            from psr.core.features import build_feature_extractor
-
             if kind == "extractor":
                 options = dict(self.recipe.extractor)
                 made = build_feature_extractor(options.pop("name"), self._device(), **options)
@@ -121,7 +119,6 @@ class Perception:
             elif kind == "clip":
                 made = build_feature_extractor("clip", self._device(), **self.recipe.clip_t.options)
             else:  # "reward:<name>:<options hash>"
-                from psr.rewards import REWARDS
 
                 name, options = self._reward_specs[kind]
                 made = REWARDS[name](self._device(), **options)
@@ -153,8 +150,6 @@ class Perception:
     def embed(self, pic: Picture, boxes: Sequence[Sequence[float] | None]) -> np.ndarray:
         """[len(boxes), D] float32 L2-normalised embeddings of the crops (None: the whole
         image); one extractor call for all boxes not cached yet."""
-        from psr.core.detect import crop_box
-
         table = {}
         missing = []
         for box in boxes:
@@ -197,8 +192,6 @@ class Perception:
         subkey = text_hash("\n".join([prompt, *[r.sha256 for r in references], *categories]))
 
         def compute():
-            from psr.rewards import RewardBatch
-
             result = self._component(key)(RewardBatch(
                 images=[pic.image], prompts=[prompt], references=[[r.image for r in references]],
                 categories=[list(categories)]))

@@ -15,9 +15,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from psr import toyworld as tw
+from psr.core.detect import box_iou
 from psr.errors import UserError
 from psr.eval.bench import Item
 from psr.eval.perception import Perception, Picture, UnreadableImage, open_picture
+from psr.rewards.leakage import leakage_margins, sample_margin
+from psr.rewards.matching import alignment_reward
+from psr.rewards.position import canonical_relation, position_correct, position_psrbench
 
 if TYPE_CHECKING:
     from psr.eval.config import EvalRecipe
@@ -83,8 +88,6 @@ def failure_reason(err: BaseException) -> str:
 
 
 def _iou(a, b) -> float:
-    from psr.core.detect import box_iou
-
     return box_iou(a, b)
 
 
@@ -109,11 +112,6 @@ def psrbench_boxes(categories: Sequence[str], by_category: dict[str, list[dict]]
 
 def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Picture], out: Picture,
               names: list[str]) -> tuple[dict, dict]:
-    from psr import toyworld as tw
-    from psr.rewards.leakage import leakage_margins, sample_margin
-    from psr.rewards.matching import alignment_reward
-    from psr.rewards.position import canonical_relation, position_correct, position_psrbench
-
     cats, n = item.categories, len(item.categories)
     notes = []
     ref_boxes = []

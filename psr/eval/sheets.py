@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from psr.core.io import write_atomic
 from psr.eval.bench import Item
+from psr.eval.perception import UnreadableImage, open_picture
 from psr.eval.report import LABELS
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -37,8 +38,6 @@ def _placeholder(cell: int, text: str) -> Image.Image:
 
 
 def _open(path: Path | None) -> Image.Image | None:
-    from psr.eval.perception import UnreadableImage, open_picture
-
     if path is None:
         return None
     try:

@@ -13,16 +13,10 @@
 * `evaluate(show_progress) -> dict`: the final metrics (JSON-able).
 
 `psr.fit.loop.run_fit` drives any of them: progress bar, atomic checkpoints, resume.
-Module imports stay light (torch and ToyWorld load inside the methods), because the
-recipe schema imports this registry.
+The table (`psr.fit.fitters`) names each fitter by path, so reading a recipe imports only
+the fitter it names.
 """
 
-from psr.fit.toy_identity import ToyIdentityFitter
-from psr.fit.toy_localizer import ToyLocalizerFitter
-from psr.fit.vae import ToyVaeFitter
+from psr.fit.fitters import FITTERS
 
-FITTERS: dict[str, type] = {
-    "toy-identity": ToyIdentityFitter,
-    "toy-localizer": ToyLocalizerFitter,
-    "toy-vae": ToyVaeFitter,
-}
+__all__ = ["FITTERS"]

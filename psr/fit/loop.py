@@ -21,8 +21,11 @@ import math
 import time
 from pathlib import Path
 
+from psr.core.features import _resolve_device
 from psr.core.io import prepare_output_dir, write_atomic, write_json_atomic
+from psr.core.recipe import to_toml
 from psr.errors import UserError
+from psr.fit.fitters import FITTERS
 from psr.fit.recipe import FitRecipe
 
 CHECKPOINT = ".fit-checkpoint.pt"
@@ -30,8 +33,6 @@ METRICS = "metrics.json"
 
 
 def recipe_hash(recipe: FitRecipe) -> str:
-    from psr.core.recipe import to_toml
-
     same = dataclasses.replace(recipe, out=None, device="cpu", threads=1, checkpoint_every=1)
     return hashlib.sha256(to_toml(same).encode()).hexdigest()[:16]
 
@@ -45,8 +46,6 @@ def lr_at(step: int, recipe: FitRecipe) -> float:
 
 
 def output_folder(recipe: FitRecipe) -> Path:
-    from psr.fit import FITTERS
-
     return Path(recipe.out).expanduser() if recipe.out else FITTERS[recipe.model].asset
 
 
@@ -55,9 +54,6 @@ def run_fit(recipe: FitRecipe, *, resume: bool = True, show_progress: bool = Tru
     return the metrics.json content."""
     import torch
     from tqdm import tqdm
-
-    from psr.core.features import _resolve_device
-    from psr.fit import FITTERS
 
     out = prepare_output_dir(output_folder(recipe))
     digest = recipe_hash(recipe)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from psr.core.recipe import _suggest, build
 from psr.core.recipe import require as _require
+from psr.fit.fitters import FITTERS
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,6 @@ class FitRecipe:
     """Fitter-specific settings; see the fitter's options dataclass."""
 
     def __post_init__(self):
-        from psr.core.recipe import _suggest
-        from psr.fit import FITTERS
-
         _require(self.model in FITTERS, "model",
                  f"unknown fitter {self.model!r}{_suggest(self.model, FITTERS)}; choose one of {', '.join(FITTERS)}")
         _require(self.steps >= 1, "steps", "must be >= 1")
@@ -63,7 +62,4 @@ class FitRecipe:
 
     def fitter_options(self):
         """The `[options]` table built into the fitter's options dataclass."""
-        from psr.core.recipe import build
-        from psr.fit import FITTERS
-
         return build(FITTERS[self.model].Options, dict(self.options), "options")

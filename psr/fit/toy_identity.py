@@ -28,7 +28,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from psr import toyworld as tw
 from psr.errors import RecipeError
+from psr.fit.loop import lr_at
+from psr.toyworld.identity import COLOUR_NAMES
+from psr.toyworld.perception.data import (
+    FACTORS,
+    NUM_COLOURS,
+    degrade,
+    identity_colours,
+    identity_factors,
+    paired_views,
+    to_float,
+)
+from psr.toyworld.perception.identity import ToyIdentityEncoder
+from psr.toyworld.perception.metrics import retrieval_table
+from psr.toyworld.perception.nets import build_net
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "identity"
 
@@ -81,9 +96,6 @@ class ToyIdentityFitter:
     def __init__(self, recipe, options: ToyIdentityOptions, device):
         import torch
 
-        from psr.toyworld.perception.data import FACTORS, NUM_COLOURS
-        from psr.toyworld.perception.nets import build_net
-
         self.recipe, self.o, self.device = recipe, options, device
         self.config = dict(crop=options.crop, stem=options.stem, widths=list(options.widths),
                            embed_dim=options.embed_dim, factor_classes=[*FACTORS.values(), NUM_COLOURS])
@@ -102,9 +114,6 @@ class ToyIdentityFitter:
     def _item(self, n: int):
         """Stream item n with its labels: (PairedViews, factors [k, 4], colours [k, 10])."""
         import numpy as np
-
-        from psr import toyworld as tw
-        from psr.toyworld.perception.data import identity_colours, identity_factors, paired_views
 
         views = paired_views(self.recipe.seed, n, tw.DEFAULT_ID_RANGES["train"], self.recipe.size,
                              self.o.sibling_rate, self.o.attribute_rate)
@@ -134,8 +143,6 @@ class ToyIdentityFitter:
         import numpy as np
         import torch
         from torchvision.ops import roi_align
-
-        from psr.toyworld.perception.data import degrade, to_float
 
         o = self.o
         rng = np.random.default_rng([0xBA7C, self.recipe.seed, step])
@@ -180,8 +187,6 @@ class ToyIdentityFitter:
         import torch
         import torch.nn.functional as F
 
-        from psr.fit.loop import lr_at
-
         self._window(step)
         crops, masks, labels, factors, colours = self._batch(step)
         for group in self.optimizer.param_groups:
@@ -212,10 +217,6 @@ class ToyIdentityFitter:
 
     # ------------------------------------------------------------------ output
     def encoder(self):
-        from psr.toyworld.identity import COLOUR_NAMES
-        from psr.toyworld.perception.data import FACTORS
-        from psr.toyworld.perception.identity import ToyIdentityEncoder
-
         meta = {"config": self.config, "labels": {"factors": dict(FACTORS), "colours": list(COLOUR_NAMES)}}
         return ToyIdentityEncoder(self.model.eval(), meta)
 
@@ -223,8 +224,6 @@ class ToyIdentityFitter:
         self.encoder().save_pretrained(folder)
 
     def evaluate(self, show_progress: bool) -> dict:
-        from psr.toyworld.perception.metrics import retrieval_table
-
         return {"retrieval": retrieval_table(self.encoder(), self.o.eval_identities, seed=12345,
                                              pad=self.o.eval_pad, show_progress=show_progress),
                 "eval_identities": self.o.eval_identities, "image_size": self.recipe.size}

@@ -26,7 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from psr import toyworld as tw
 from psr.errors import RecipeError
+from psr.fit.loop import lr_at
+from psr.toyworld.perception.data import ATTRIBUTE_NAMES, CATEGORIES, SCENE_NAMES, degrade, localizer_scene, to_float
+from psr.toyworld.perception.localizer import ToyLocalizer, crop_subjects
+from psr.toyworld.perception.metrics import detection_renders, detection_table
+from psr.toyworld.perception.nets import build_net
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "localizer"
 MAX_SUBJECTS = 4
@@ -85,9 +91,6 @@ class ToyLocalizerFitter:
     def __init__(self, recipe, options: ToyLocalizerOptions, device):
         import torch
 
-        from psr.toyworld.perception.data import ATTRIBUTE_NAMES, CATEGORIES, SCENE_NAMES
-        from psr.toyworld.perception.nets import build_net
-
         self.recipe, self.o, self.device = recipe, options, device
         self.config = dict(input_size=recipe.size, widths=list(options.widths), head=options.head,
                            num_categories=len(CATEGORIES), num_attributes=len(ATTRIBUTE_NAMES),
@@ -111,9 +114,6 @@ class ToyLocalizerFitter:
         """(image uint8 [S, S, 3], boxes [4, 4] px, categories [4] (-1 = none),
         attributes [4, A], scene index, foreground mask bool [S, S]) of stream scene n."""
         import numpy as np
-
-        from psr import toyworld as tw
-        from psr.toyworld.perception.data import ATTRIBUTE_NAMES, CATEGORIES, SCENE_NAMES, localizer_scene
 
         rng = np.random.default_rng([0x10C, self.recipe.seed, n])
         spec = localizer_scene(rng, tw.DEFAULT_ID_RANGES["train"], self.o.attribute_rate, self.o.empty_rate)
@@ -172,8 +172,6 @@ class ToyLocalizerFitter:
         import numpy as np
         import torch
 
-        from psr.toyworld.perception.data import degrade, to_float
-
         rng = np.random.default_rng([0xBA7D, self.recipe.seed, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         keys = rng.choice(sorted(self.pool), size=self.recipe.batch_size, replace=False)
@@ -199,10 +197,7 @@ class ToyLocalizerFitter:
         import torch
         import torch.nn.functional as F
 
-        from psr.fit.loop import lr_at
-
         self._window(step)
-        from psr.toyworld.perception.localizer import crop_subjects
 
         x, boxes, cats, attrs, scenes, masks, gen = self._batch(step)
         t = self.targets(boxes, cats)
@@ -257,8 +252,6 @@ class ToyLocalizerFitter:
 
     # ------------------------------------------------------------------ output
     def localizer(self):
-        from psr.toyworld.perception.localizer import ToyLocalizer
-
         return ToyLocalizer(self.model.eval(), {"config": self.config, "labels": self.labels},
                             threshold=self.o.threshold)
 
@@ -266,8 +259,6 @@ class ToyLocalizerFitter:
         self.localizer().save_pretrained(folder)
 
     def evaluate(self, show_progress: bool) -> dict:
-        from psr.toyworld.perception.metrics import detection_renders, detection_table
-
         renders = detection_renders(self.o.eval_images, size=self.recipe.size)
         return {"detection": detection_table(self.localizer(), renders, show_progress=show_progress),
                 "eval_images": self.o.eval_images, "threshold": self.o.threshold, "image_size": self.recipe.size}

@@ -30,8 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from psr import toyworld as tw
+from psr.core.detect import crop_box
 from psr.core.embedded import TOY_VAE_DIR as ASSET
-from psr.errors import RecipeError
+from psr.core.embedded import build_embedded_vae
+from psr.errors import RecipeError, UserError
+from psr.fit.loop import lr_at
+from psr.toyworld.perception.identity import toyworld_extractor
+from psr.toyworld.perception.metrics import retrieval_sets, topk
 
 _TRAIN_SALT, _STATS_SALT, _EVAL_SALT, _NOISE_SALT = 0x7AE0, 0x7AE1, 0x7AE2, 0x7AE3
 
@@ -65,8 +71,6 @@ def render_batch(seed: int, salt: int, index: int, count: int, *, size: int, id_
     """`count` renders, a pure function of (seed, salt, index): uint8 [count, S, S, 3] with
     S = crop (a random window) or size, and a bool [count] that says which are targets."""
     import numpy as np
-
-    from psr import toyworld as tw
 
     rng = np.random.default_rng([salt, seed, index])
     images, is_target = [], []
@@ -156,8 +160,6 @@ class ToyVaeFitter:
     def __init__(self, recipe, options: ToyVaeOptions, device):
         import torch
 
-        from psr.core.embedded import build_embedded_vae
-
         self.recipe, self.o, self.device = recipe, options, device
         self.vae = build_embedded_vae(recipe.seed, latent_channels=options.latent_channels,
                                       block_out_channels=tuple(options.block_out_channels),
@@ -175,8 +177,6 @@ class ToyVaeFitter:
         """Nothing to build: each step renders its own images."""
 
     def _renders(self, salt: int, index: int, count: int, split: str, crop: int | None = None):
-        from psr import toyworld as tw
-
         return render_batch(self.recipe.seed, salt, index, count, size=self.recipe.size,
                             id_range=tw.DEFAULT_ID_RANGES[split], target_rate=self.o.target_rate,
                             attribute_rate=self.o.attribute_rate, crop=crop)
@@ -185,8 +185,6 @@ class ToyVaeFitter:
     def train_step(self, step: int) -> dict[str, float]:
         import numpy as np
         import torch
-
-        from psr.fit.loop import lr_at
 
         images, _ = self._renders(_TRAIN_SALT, step, self.recipe.batch_size, "train", crop=self.o.crop)
         x = to_pixels(images).to(self.device)
@@ -273,11 +271,6 @@ def identity_check(vae, num_ids: int, size: int = 64, show_progress: bool = Fals
     ToyWorld identity encoder; without it, {"skipped": reason}."""
     import numpy as np
     from PIL import Image
-
-    from psr.core.detect import crop_box
-    from psr.errors import UserError
-    from psr.toyworld.perception.identity import toyworld_extractor
-    from psr.toyworld.perception.metrics import retrieval_sets, topk
 
     try:
         encoder = toyworld_extractor("cpu")

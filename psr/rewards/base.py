@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
+from psr.core.detect import build_localizer, crop_box
+from psr.core.features import as_feature_extractor
+from psr.core.recipe import _suggest, build
 from psr.errors import RecipeError, UserError
 
 if TYPE_CHECKING:
@@ -163,8 +166,6 @@ def checked_box(box: Sequence[float], width: int, height: int) -> tuple[Box | No
 
 def crop(image: "Image.Image", box: Sequence[float], pad: float) -> tuple["Image.Image | None", Box | None, str | None]:
     """(crop, clipped box, None), or (None, None, reason) when the box cannot be cropped."""
-    from psr.core.detect import crop_box
-
     clipped, reason = checked_box(box, image.width, image.height)
     if reason:
         return None, None, reason
@@ -193,8 +194,6 @@ class ComponentCache:
             return spec
         key = component_key(spec, device)
         if key not in self._extractors:
-            from psr.core.features import as_feature_extractor
-
             self._extractors[key] = as_feature_extractor(dict(spec), device)
         return self._extractors[key]
 
@@ -203,8 +202,6 @@ class ComponentCache:
             return spec
         key = component_key(spec, device)
         if key not in self._localizers:
-            from psr.core.detect import build_localizer
-
             options = dict(spec)
             if "name" not in options:
                 raise UserError(f"localizer options {sorted(options)}: missing 'name'")
@@ -224,8 +221,6 @@ def check_component(spec: Any, path: str, kind: str) -> None:
     """A component spec must be a table with a registered `name` (an object passes as it is)."""
     import importlib
 
-    from psr.core.recipe import _suggest
-
     if not isinstance(spec, dict):
         return
     module, table_name, what = COMPONENT_REGISTRIES[kind]
@@ -242,8 +237,6 @@ def parse_options(options_cls: type, options: dict[str, Any], path: str = "optio
     """Build `options_cls` from a dict of reward options, checking names and types without
     loading anything. Component fields (extractor, localizer) may hold a built object
     instead of a table; it is passed through untouched."""
-    from psr.core.recipe import build
-
     own = {f.name for f in dataclasses.fields(options_cls)}
     tables, objects = {}, {}
     for key, value in options.items():

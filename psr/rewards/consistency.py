@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 from psr.errors import RecipeError, UserError
 from psr.rewards.base import ComponentCache, RewardBatch, RewardResult, as_tensor, json_float, parse_options
+from psr.rewards.leakage import leakage_margins, sample_margin
+from psr.rewards.matching import alignment_reward, hungarian_match
 from psr.rewards.subjects import SubjectCrop, SubjectFinder, unique
 
 
@@ -147,8 +149,6 @@ class PsrReward(_SubjectReward):
 
     def _assign(self, boxes: list[SubjectCrop], refs: list[SubjectCrop]):
         """({subject j → box k}, [boxes, subjects] similarity) for one category."""
-        from psr.rewards.matching import hungarian_match
-
         sim, usable = _similarity(boxes, refs)
         if self.options.assignment == "order":
             return {j: j for j in range(min(len(boxes), len(refs))) if usable[j, j]}, sim
@@ -208,9 +208,6 @@ class HungarianReward(_SubjectReward):
 
     def __call__(self, batch: RewardBatch) -> RewardResult:
         import numpy as np
-
-        from psr.rewards.leakage import leakage_margins, sample_margin
-        from psr.rewards.matching import alignment_reward
 
         _need_subjects(batch, self.name)
         opts = self.options

@@ -32,7 +32,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from psr.core.detect import box_iou
+from psr.core.recipe import _suggest
 from psr.errors import UserError
+from psr.toyworld.layout import relation_holds
 
 CANONICAL = ("left of", "right of", "above", "below", "next to")
 """Equal to psr.toyworld.RELATIONS (a test checks it), kept here so the table reads alone."""
@@ -53,8 +56,6 @@ NEXT_TO_GAP = 0.5
 
 def canonical_relation(phrase: str) -> str:
     """The canonical relation of a phrase ("to the left of" → "left of"); `UserError` if unknown."""
-    from psr.core.recipe import _suggest
-
     key = " ".join(str(phrase).lower().replace("_", " ").split())
     if key not in RELATION_PHRASES:
         raise UserError(f"position relation {phrase!r}: unknown phrase{_suggest(key, RELATION_PHRASES)}; "
@@ -70,8 +71,6 @@ def _box(box: Sequence[float] | None) -> tuple[float, float, float, float] | Non
 
 
 def _iou(a, b) -> float:
-    from psr.core.detect import box_iou
-
     return box_iou(a, b)
 
 
@@ -111,8 +110,6 @@ def position_correct(relation: str, box_a: Sequence[float] | None, box_b: Sequen
                      image_size: int | Sequence[int]) -> bool:
     """psr's exact rule: `psr.toyworld.relation_holds` on the boxes clipped to the image.
     `image_size`: side of a square image, or (width, height)."""
-    from psr.toyworld.layout import relation_holds
-
     relation = canonical_relation(relation)
     width, height = _size(image_size)
     clipped = []

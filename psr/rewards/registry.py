@@ -26,17 +26,19 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence
 
+from psr.core.recipe import _suggest
+from psr.core.registry import Registry
 from psr.errors import RecipeError
 from psr.rewards.base import ComponentCache, RewardBatch, RewardResult, parse_options
 from psr.rewards.clip import AestheticReward, ClipTReward
 from psr.rewards.consistency import HungarianReward, PsrReward
 
-REWARDS: dict[str, Any] = {
+REWARDS: Registry[Any] = Registry("reward", {
     "psr": PsrReward,
     "hungarian": HungarianReward,
     "clip_t": ClipTReward,
     "aesthetic": AestheticReward,
-}
+})
 """Name → factory `(device="cpu", *, cache=None, **options) -> Reward`. Each factory has an
 `Options` dataclass: its fields are the reward's options (types, defaults, help text)."""
 
@@ -44,8 +46,6 @@ SPEC_KEYS = ("name", "weight", "label", "options")
 
 
 def _check_name(name: Any, path: str) -> None:
-    from psr.core.recipe import _suggest
-
     if not isinstance(name, str):
         raise RecipeError(path, f"expected a reward name (a string), got {name!r}")
     if name not in REWARDS:
@@ -90,8 +90,6 @@ def reward_option_names(name: str) -> list[str]:
 def reward_specs_from_toml(tables: Sequence[dict | RewardSpec], path_prefix: str = "rewards") -> tuple[RewardSpec, ...]:
     """RewardSpecs from `[[rewards]]` tables (flat options or an `options` table, or both),
     checked as `check_reward_specs` does; errors name `path_prefix[k].key`."""
-    from psr.core.recipe import _suggest
-
     if isinstance(tables, dict):
         raise RecipeError(path_prefix, "expected an array of tables ([[rewards]]), got one table")
     specs = []

@@ -18,6 +18,3 @@ The `psr rl` command (psr/workflows/rl.py drives these):
 docs/rl.md gives the formulas and the choices psr makes where the papers leave them open.
 """
 
-# psr.core.schema lists RlRecipe in RECIPE_KINDS and psr.rl.config builds on the schema's
-# ModelConfig; importing the schema first keeps that pair acyclic whichever is imported first.
-import psr.core.schema  # noqa: E402, F401

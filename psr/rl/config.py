@@ -5,10 +5,6 @@ from), `rollout` (groups, sampler, trained steps), `policy` (GRPO / GSPO setting
 (FocusDPO settings), `train` (optimisation), `adapter` (the pretrain adapter table),
 `[[rewards]]` (flat `RewardSpec` tables), `logging`, `checkpoint`, `eval`, plus `out`,
 `objective` and `init`. Every invariant is checked here, before any weights load.
-
-`psr.core.schema` imports this module to register the recipe kind, and this module needs
-`ModelConfig` from there; so `ModelConfig` is imported at the bottom (after the classes
-exist) and the annotations stay strings until `psr.core.recipe.build` resolves them.
 """
 
 from __future__ import annotations
@@ -17,7 +13,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from psr.core.presets import PRESETS
 from psr.core.recipe import require as _require
+from psr.core.schema import ModelConfig, resolve_model
 from psr.errors import RecipeError
 from psr.rewards.registry import RewardSpec, check_reward_specs
 from psr.rl.losses import GRPO_CLIP_RANGE, GSPO_CLIP_HIGH, GSPO_CLIP_LOW
@@ -248,8 +246,6 @@ class RlRecipe:
     eval: RlEvalConfig = field(default_factory=RlEvalConfig)
 
     def __post_init__(self):
-        from psr.core.presets import PRESETS
-
         _require(bool(self.out.strip()), "out", "must name a folder")
         _require(self.init is None or bool(self.init.strip()), "init", "must name a folder or file (or leave it out)")
         _require(self.model.device in ("auto", "cpu", "cuda", "mps"), "model.device",
@@ -293,9 +289,6 @@ class RlRecipe:
 
 def resolve_rl(recipe: RlRecipe) -> RlRecipe:
     """Fill every None that the preset decides (model dtype and sizes, sampler settings)."""
-    from psr.core.presets import PRESETS
-    from psr.core.schema import resolve_model
-
     preset = PRESETS[recipe.model.preset]
     model = resolve_model(recipe.model)
     default_guidance = preset.guidance if preset.guidance_embeds else 1.0  # rollouts apply no CFG
@@ -313,6 +306,3 @@ def resolve_rl(recipe: RlRecipe) -> RlRecipe:
 OPERATIONAL = ("out", "train.steps", "logging", "checkpoint", "eval", "model.device", "model.cpu_offload",
                "model.attention_backend")
 
-
-# Imported last: psr.core.schema registers RlRecipe and so imports this module.
-from psr.core.schema import ModelConfig  # noqa: E402

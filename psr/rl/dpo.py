@@ -34,7 +34,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from psr import toyworld as tw
+from psr.core import images as imgs
+from psr.core.packing import pack
+from psr.core.sampler import euler_sample
+from psr.rewards import RewardBatch
+from psr.rl.focus import detail_map, focus_weights, structure_map
+from psr.rl.grpo import schedule_for
+from psr.rl.losses import diffusion_dpo_loss
+from psr.rl.pairs import disrupted_pair
 from psr.rl.policy import Conditioning, Policy, condition
+from psr.train.data import token_labels
 
 
 @dataclass
@@ -58,12 +68,9 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 
 def reference_masks(item, grids: list[tuple[int, int]], stride: int) -> list[torch.Tensor]:
     """Per reference, [h·w] bool: its subject's tokens (module docstring)."""
-    from psr.train.data import token_labels
-
     masks = [torch.ones(h * w, dtype=torch.bool) for h, w in grids]
     if not item.example:
         return masks
-    from psr import toyworld as tw
 
     example = tw.Example.from_dict(item.example)
     for i, ((h, w), spec) in enumerate(zip(grids, example.references)):
@@ -88,8 +95,6 @@ def token_features(policy: Policy, tokens: torch.Tensor, kind: str) -> torch.Ten
 def focus_maps(policy: Policy, cond: Conditioning, x0_winner: torch.Tensor, winner: Image.Image, item,
                cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(structure [L], detail [L]) of the winner (cfg: the recipe's dpo section)."""
-    from psr.rl.focus import detail_map, structure_map
-
     stride = policy.model.token_stride
     refs = cond.reference_tokens()
     if refs:
@@ -103,18 +108,12 @@ def focus_maps(policy: Policy, cond: Conditioning, x0_winner: torch.Tensor, winn
 
 
 def _encode(policy: Policy, images: list[Image.Image]) -> torch.Tensor:
-    from psr.core import images as imgs
-    from psr.core.packing import pack
-
     pixels = torch.cat([imgs.to_tensor(im) for im in images])
     return pack(policy.model.encode_images(pixels)).float()
 
 
 def disrupted(policy: Policy, item, seed: int, guidance: float, cfg) -> Pair:
     """Winner = the item's target, loser = its disrupted re-render."""
-    from psr import toyworld as tw
-    from psr.rl.pairs import disrupted_pair
-
     winner = item.target()
     if winner.width != winner.height:
         raise ValueError(f"{item.key}: ToyWorld targets are square, got {winner.width}x{winner.height}")
@@ -130,11 +129,6 @@ def disrupted(policy: Policy, item, seed: int, guidance: float, cfg) -> Pair:
 
 def self_ranked(policy: Policy, item, rollout, seeds: list[int], reward: Callable, cfg) -> tuple[Pair, object]:
     """G ODE samples ranked by the reward mix → (pair, the RewardResult of the G samples)."""
-    from psr.core import images as imgs
-    from psr.core.sampler import euler_sample
-    from psr.rewards import RewardBatch
-    from psr.rl.grpo import schedule_for
-
     model, g = policy.model, len(seeds)
     references = item.references()
     cond = condition(model, item.prompt, references, rollout.size, g, rollout.guidance)
@@ -156,9 +150,6 @@ def self_ranked(policy: Policy, item, rollout, seeds: list[int], reward: Callabl
 
 def pair_loss(policy: Policy, pair: Pair, sigma: float, noise: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
     """FocusDPO loss of one pair at noise level `sigma` with `noise` [1, L, C] (module docstring)."""
-    from psr.rl.focus import focus_weights
-    from psr.rl.losses import diffusion_dpo_loss
-
     device = policy.model.device
     x0 = pair.x0.to(device)
     noise = noise.to(device).float().expand_as(x0)

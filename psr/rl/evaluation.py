@@ -14,11 +14,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from psr.core.io import write_atomic
+from psr.rewards import RewardBatch
+from psr.train.samples import generate_one
+
 
 def generate(model, items, cfg, autocast=contextlib.nullcontext) -> tuple[list[Image.Image], list[list[Image.Image]]]:
     """(generated image, its references) per item, with the transformer in eval mode."""
-    from psr.train.samples import generate_one
-
     transformer = model.transformer
     was_training = transformer.training
     transformer.eval()
@@ -50,9 +52,6 @@ def evaluate(model, items, reward, cfg, autocast=contextlib.nullcontext, folder:
     """Mean reward terms of the slice as {"eval/reward": …, "eval/<term>": …}; with `folder`,
     also writes folder/step_XXXXXX.png."""
     import torch
-
-    from psr.core.io import write_atomic
-    from psr.rewards import RewardBatch
 
     images, references = generate(model, items, cfg, autocast)
     result = reward(RewardBatch(images, [i.prompt for i in items], references, [list(i.categories) for i in items]))

@@ -31,6 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from psr.core import images as imgs
+from psr.core.sampler import flux_schedule
+from psr.rewards import RewardBatch
+from psr.rl.losses import grpo_loss, gspo_loss
 from psr.rl.policy import Conditioning, Policy, condition
 from psr.rl.sde import Trajectory, closed_form_kl, sde_sample, sde_step
 
@@ -84,15 +88,11 @@ class Group:
 
 
 def schedule_for(model, steps: int, grid: tuple[int, int]):
-    from psr.core.sampler import flux_schedule
-
     return flux_schedule(model.components.scheduler.config, steps, grid[0] * grid[1])
 
 
 def rollout(policy: Policy, item, cfg, chosen: list[int], seed: int, step: int, rank: int, index: int) -> Group:
     """G SDE rollouts of `item` (cfg: the resolved rollout section)."""
-    from psr.core import images as imgs
-
     model, g = policy.model, cfg.group_size
     references = item.references()
     cond = condition(model, item.prompt, references, cfg.size, g, cfg.guidance)
@@ -107,8 +107,6 @@ def rollout(policy: Policy, item, cfg, chosen: list[int], seed: int, step: int, 
 
 def reward_batch(groups: list[Group]):
     """One `RewardBatch` of every group's images, in group order."""
-    from psr.rewards import RewardBatch
-
     images, prompts, references, categories = [], [], [], []
     for group in groups:
         for image in group.images:
@@ -157,8 +155,6 @@ def update(policy: Policy, groups: list[Group], advantages: torch.Tensor, chosen
     backward (gradient synchronisation only for the last); aux() adds MoE-LoRA's
     load-balancing term of the chunk's forwards. Returns the unweighted statistics.
     """
-    from psr.rl.losses import grpo_loss, gspo_loss
-
     g = groups[0].trajectory.latents.shape[0]
     beta = cfg.kl_beta
     chunks = [(k, [j]) for k in range(len(groups)) for j in chosen] if objective == "grpo" else \

@@ -15,7 +15,11 @@ from typing import Any
 
 import torch
 
+from psr.core.adapters import input_dtype
+from psr.core.attention import TokenLayout
+from psr.core.lora import lora_token_mask
 from psr.core.model import MultiRefFlux, PromptEmbeds, References
+from psr.core.moe_lora import MoELoRA
 from psr.core.positions import grid_ids
 
 
@@ -45,8 +49,6 @@ class Conditioning:
 
 def condition(model: MultiRefFlux, prompt: str, references, size: int, batch: int, guidance: float) -> Conditioning:
     """Encode `prompt` and the reference images (PIL) once, for `batch` images of size² px."""
-    from psr.core.attention import TokenLayout
-
     model.check_size(size, size)
     grid = (size // model.token_stride, size // model.token_stride)
     text = model.encode_prompt([prompt])
@@ -60,8 +62,6 @@ def condition(model: MultiRefFlux, prompt: str, references, size: int, batch: in
 
 
 def _moe_modules(transformer) -> list:
-    from psr.core.moe_lora import MoELoRA
-
     return [m for m in transformer.modules() if isinstance(m, MoELoRA)]
 
 
@@ -94,7 +94,6 @@ class Policy:
         self.model = model
         self.module = module  # what gradient forwards go through (accelerate-prepared)
         self.autocast = autocast
-        from psr.workflows.pretrain import input_dtype
 
         # The transformer's input dtype: its frozen weights' (adapters), else its own.
         frozen = any(not p.requires_grad for p in model.transformer.parameters())
@@ -103,8 +102,6 @@ class Policy:
     def token_mask(self, cond: Conditioning):
         """Reference-only LoRA's token mask for a `with` block. A backward that recomputes
         checkpointed blocks must run inside it, like the forward."""
-        from psr.core.lora import lora_token_mask
-
         return lora_token_mask(self.model.transformer, cond.token_mask)
 
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, *, grad: bool = False,

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from psr.core.images import load_image
 from psr.errors import UserError
+from psr.eval.bench import load_bench
+from psr.train.data import open_dataset
 
 
 @dataclass
@@ -40,13 +43,9 @@ class PromptItem:
 
     def references(self):
         """The reference images, 8-bit RGB PIL."""
-        from psr.core.images import load_image
-
         return [load_image(p, f"{self.key} reference") for p in self.reference_paths]
 
     def target(self):
-        from psr.core.images import load_image
-
         if self.target_path is None:
             raise UserError(f"{self.key}: has no ground-truth target")
         return load_image(self.target_path, f"{self.key} target")
@@ -67,8 +66,6 @@ class PromptSource:
 
 
 def _dataset_items(root: Path, max_references: int, skipped: dict[str, int]) -> list[PromptItem]:
-    from psr.train.data import open_dataset
-
     dataset = open_dataset(str(root))
     if len(dataset.report):
         skipped["invalid manifest row"] = len(dataset.report)
@@ -95,8 +92,6 @@ def _dataset_items(root: Path, max_references: int, skipped: dict[str, int]) -> 
 
 def _bench_items(root: Path, subsets: Sequence[str], max_references: int, skipped: dict[str, int],
                  held_out_ok: bool) -> list[PromptItem]:
-    from psr.eval.bench import load_bench
-
     info = root / "bench.json"
     if not held_out_ok and info.is_file():
         try:

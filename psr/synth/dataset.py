@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from psr.core.io import write_text_atomic
+from psr.errors import UserError
 from psr.synth.sample import Rejection, SynthSample
 
 FORMAT_VERSION = 1
@@ -306,8 +307,6 @@ class SynthDataset:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
-            from psr.errors import UserError
-
             raise UserError(f"dataset {self.root}: no such folder")
         self.report = SkipReport()
         self.rows = read_manifest(self.root, self.report)

@@ -28,10 +28,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
+from psr.core.components import resolve_device
 from psr.core.detect import box_mask
+from psr.core.recipe import _suggest
 from psr.errors import UserError
 from psr.synth.sample import Rejection, SynthSample, SynthSubject
-from psr.synth.stages import SYNTH_STAGES, build_stage, derive_seed
+from psr.synth.stages import SYNTH_STAGES, build_stage
+from psr.synth.stages.common import derive_seed
 
 ORDER = ("prompt", "target", "detector", "personalize", "filter", "matcher", "edit")
 REQUIRED = ("prompt", "target", "detector", "personalize")
@@ -70,12 +73,8 @@ class SynthPipeline:
     """
 
     def __init__(self, spec: dict[str, dict[str, Any]], device="auto", token_stride: int = 8):
-        from psr.core.model import resolve_device
-
         unknown = [k for k in spec if k not in SYNTH_STAGES]
         if unknown:
-            from psr.core.recipe import _suggest
-
             raise UserError(f"pipeline.{unknown[0]}: unknown stage kind{_suggest(unknown[0], SYNTH_STAGES)}; "
                             f"choose from {', '.join(SYNTH_STAGES)}")
         missing = [k for k in REQUIRED if k not in spec]

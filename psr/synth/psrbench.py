@@ -141,11 +141,10 @@ def _write_subset(out: Path, subset: str, count: int, seed: int, size: int, ref_
     return items
 
 
-def export_psrbench(recipe, out_dir: str, show_progress: bool = True) -> dict:
-    """Write (or finish) the benchmark; a subset is done once its JSON file exists."""
+def export_psrbench(recipe, out_dir: str, recipe_hash: str, show_progress: bool = True) -> dict:
+    """Write (or finish) the benchmark; a subset is done once its JSON file exists.
+    `recipe_hash` (the synth recipe's, `psr.workflows.synth.recipe_hash`) goes into bench.json."""
     from tqdm import tqdm
-
-    from psr.workflows.synth import recipe_hash
 
     out = prepare_output_dir(out_dir)
     (out / "images").mkdir(exist_ok=True)
@@ -167,7 +166,7 @@ def export_psrbench(recipe, out_dir: str, show_progress: bool = True) -> dict:
         done[subset] = len(items)
     summary = {"format": "psrbench", "subsets": done, "seed": recipe.seed, "id_split": recipe.toyworld.id_split,
                "level": recipe.toyworld.level,
-               "recipe_hash": recipe_hash(recipe)}
+               "recipe_hash": recipe_hash}
     write_json_atomic(out / "bench.json", summary)
     print(f"psr synth: PSRBench export with {sum(done.values())} items in {out}", file=sys.stderr)
     return summary

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 from typing import Callable
 
+from psr.core.registry import Registry
+from psr.synth.pipeline import SynthPipeline, category_pairs
 from psr.synth.sample import Rejection, SynthSample
+from psr.synth.toy import ToyWorldSource
 
 Source = Callable[[int], "SynthSample | Rejection"]
 
 
 def _toyworld(recipe, device) -> Source:
-    from psr.synth.toy import ToyWorldSource
-
     return ToyWorldSource(recipe.toyworld, seed=recipe.seed, token_stride=recipe.token_stride)
 
 
 def _pipeline(recipe, device) -> Source:
-    from psr.synth.pipeline import SynthPipeline
-
     pipeline = SynthPipeline(recipe.pipeline, device=device, token_stride=recipe.token_stride)
 
     def draw(index: int):
-        from psr.synth.pipeline import category_pairs
-
         seed = recipe.seed + index
         categories = category_pairs(list(recipe.categories), recipe.subjects_per_sample, seed)
         return pipeline.run(index, categories, seed)
@@ -35,7 +32,7 @@ def _pipeline(recipe, device) -> Source:
     return draw
 
 
-SOURCES: dict[str, Callable] = {
+SOURCES: Registry[Callable] = Registry("source", {
     "toyworld": _toyworld,
     "pipeline": _pipeline,
-}
+})

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from psr.core.io import write_json_atomic, write_text_atomic
+from psr.core.weights import STATE, load_tensors  # noqa: F401 (the checkpoint layout)
 from psr.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-STATE = "state.json"
 
 
 def step_name(step: int) -> str:
@@ -156,12 +156,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def read_state(folder: str | Path) -> dict:

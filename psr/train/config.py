@@ -3,10 +3,6 @@
 Sections: `model` (the shared `ModelConfig`), `data`, `train`, `adapter`, `[[regularizers]]`
 (`psr.core.regularizers.RegularizerSpec`), `logging`, `checkpoint`, `samples`, and `out`.
 Every invariant is checked here, before any weights load, with the fix in the message.
-
-`psr.core.schema` imports this module to register the recipe kind, and this module needs
-`ModelConfig` from there; so `ModelConfig` is imported at the bottom (after the classes
-exist) and the annotations stay strings until `psr.core.recipe.build` resolves them.
 """
 
 from __future__ import annotations
@@ -17,10 +13,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from psr.core.attention import check_block_names
-from psr.core.regularizers import RegularizerSpec
+from psr.core.adapters import AdapterConfig
+from psr.core.presets import PRESETS
 from psr.core.recipe import require as _require
-from psr.errors import RecipeError, UserError
+from psr.core.regularizers import RegularizerSpec
+from psr.core.schema import ModelConfig, resolve_model
+from psr.toyworld.sampling import LEVELS
 
 LARGE_PRESETS = ("flux-dev", "flux-kontext")
 
@@ -117,52 +115,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    """What is trained: everything (kind = "none"), LoRA, or MoE-LoRA (psr.core.lora)."""
-
-    kind: Literal["none", "lora", "moe_lora"] = "none"
-    """"none" trains every transformer weight (full fine-tune); "lora"; "moe_lora"."""
-    rank: int = 16
-    alpha: float | None = None
-    """LoRA scale is alpha/rank; None takes alpha = rank."""
-    targets: tuple[str, ...] = ()
-    """LoRA layers: "attn", "ff", "all", or short names like "to_q", "proj_mlp" (empty:
-    "attn"). MoE-LoRA: any of "ff", "ff_context", "proj_mlp" (empty: all three)."""
-    blocks: tuple[str, ...] = ("all",)
-    """Blocks that get adapters: "double", "single", "all" or names like "transformer_blocks.3"."""
-    reference_only: bool = False
-    """LoRA delta only at reference tokens (lora only; cannot be merged into weights)."""
-    dropout: float = 0.0
-    """LoRA dropout."""
-    experts: int = 4
-    """MoE-LoRA experts per wrapped feed-forward."""
-    top_k: int = 1
-    """Experts chosen per token (MultiCrafter: 1)."""
-    aux_weight: float = 0.01
-    """Weight of the MoE load-balancing loss."""
-
-    def __post_init__(self):
-        from psr.core.moe_lora import MOE_TARGETS
-
-        _require(self.rank >= 1, "rank", "must be >= 1")
-        _require(self.alpha is None or self.alpha > 0, "alpha", "must be > 0")
-        _require(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
-        try:
-            check_block_names(self.blocks, "blocks")
-        except UserError as err:
-            raise RecipeError("blocks", str(err).removeprefix("blocks: ")) from None
-        _require(not self.reference_only or self.kind == "lora", "reference_only",
-                 "only LoRA can be reference-only; set adapter.kind = \"lora\"")
-        if self.kind == "moe_lora":
-            _require(self.experts >= 1, "experts", "must be >= 1")
-            _require(1 <= self.top_k <= self.experts, "top_k", f"must lie in [1, experts={self.experts}]")
-            bad = [t for t in self.targets if t not in MOE_TARGETS]
-            _require(not bad, "targets", f"MoE-LoRA wraps feed-forwards: choose from {', '.join(MOE_TARGETS)} "
-                                         f"(got {bad[0] if bad else ''!r})")
-        _require(self.aux_weight >= 0, "aux_weight", "must be >= 0")
-
-
-@dataclass(frozen=True)
 class LoggingConfig:
     """Loss terms, learning rate, gradient norm and throughput."""
 
@@ -220,7 +172,6 @@ class SamplesConfig:
         _require(self.seed >= 0, "seed", "must be >= 0")
         _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
         _require(self.size is None or self.size >= 16, "size", "must be >= 16 pixels")
-        from psr.toyworld.sampling import LEVELS
 
         _require(self.level in LEVELS, "level", f"unknown level {self.level!r}; known: {', '.join(LEVELS)}")
 
@@ -243,8 +194,6 @@ class PretrainRecipe:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 
     def __post_init__(self):
-        from psr.core.presets import PRESETS
-
         _require(bool(self.out.strip()), "out", "must name a folder")
         _require(self.model.device in ("auto", "cpu", "cuda", "mps"), "model.device",
                  f"{self.model.device!r}: training takes its GPUs from the launcher; use \"auto\" (or \"cpu\") "
@@ -272,9 +221,6 @@ class PretrainRecipe:
 
 def resolve_pretrain(recipe: PretrainRecipe) -> PretrainRecipe:
     """Fill every None that the preset decides (model dtype, sizes, sample settings)."""
-    from psr.core.presets import PRESETS
-    from psr.core.schema import resolve_model
-
     preset = PRESETS[recipe.model.preset]
     model = resolve_model(recipe.model)
     samples = replace(
@@ -328,6 +274,3 @@ def recipe_difference(old: PretrainRecipe, new: PretrainRecipe, operational: tup
     # Every key agrees, so the hash itself was computed differently: another psr version.
     return "no key (the checkpoint was written by a psr version that hashes recipes differently)"
 
-
-# Imported last: psr.core.schema registers PretrainRecipe and so imports this module.
-from psr.core.schema import ModelConfig  # noqa: E402

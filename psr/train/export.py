@@ -19,46 +19,16 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
+from psr.core.adapters import LORA_FILE, MOE_FILE, apply_adapter, load_trainable
+from psr.core.components import save_components, torch_dtype
 from psr.core.io import write_json_atomic
+from psr.core.lora import merge_lora, save_lora, save_moe_lora
+from psr.core.recipe import load_recipe
+from psr.core.weights import load_model_components
 from psr.errors import UserError
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-MOE_FILE = "moe_lora.safetensors"
-
-
-def apply_adapter(transformer, cfg) -> list[tuple[str, torch.nn.Parameter]]:
-    """Add the recipe's adapter (or unfreeze everything for a full fine-tune); return the
-    trainable (name, parameter) pairs, in a fixed order, upcast to float32."""
-    from psr.core.lora import add_lora, add_moe_lora
-    from psr.core.moe_lora import MOE_TARGETS
-
-    if cfg.kind == "none":
-        transformer.requires_grad_(True)
-    elif cfg.kind == "lora":
-        add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets or ("attn",), cfg.reference_only,
-                 blocks=cfg.blocks, dropout=cfg.dropout)
-    else:
-        add_moe_lora(transformer, cfg.experts, cfg.top_k, cfg.rank, cfg.alpha, blocks=cfg.blocks,
-                     targets=cfg.targets or MOE_TARGETS)
-    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
-    for _, param in named:  # float32 master weights; autocast decides the compute dtype
-        param.data = param.data.float()
-    return named
-
-
-def load_trainable(named: list[tuple[str, torch.nn.Parameter]], tensors: dict[str, torch.Tensor],
-                   where: str) -> None:
-    """Copy saved tensors into the trainable parameters; every one must be there."""
-    missing = [n for n, _ in named if n not in tensors]
-    if missing:
-        raise UserError(f"checkpoint {where}: has no weight {missing[0]!r} ({len(missing)} missing); "
-                        "it was written with another adapter setting")
-    with torch.no_grad():
-        for name, param in named:
-            param.copy_(tensors[name])
-
+from psr.train.checkpoint import STATE, load_tensors, read_state
+from psr.train.config import PretrainRecipe, resolve_pretrain
 
 # Facts about the architecture that a base folder's card states and a fine-tune keeps.
 INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters")
@@ -85,9 +55,6 @@ def write_export(components, kind: str, folder: Path, card: dict, merge: bool = 
                  dtype: str | None = None) -> Path:
     """Write `folder` atomically from components whose transformer holds the final weights
     (a model folder is cast to `dtype` after any merge, when one is given)."""
-    from psr.core.components import save_components
-    from psr.core.lora import merge_lora, save_lora, save_moe_lora
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}"
@@ -99,8 +66,6 @@ def write_export(components, kind: str, folder: Path, card: dict, merge: bool = 
             merge_lora(transformer)
         if kind == "none" or merge:
             if dtype is not None:
-                from psr.core.components import torch_dtype
-
                 for module in (transformer, components.vae, components.text_encoder, components.text_encoder_2):
                     module.to(torch_dtype(dtype))
             save_components(components, tmp)
@@ -129,7 +94,6 @@ def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash
     with ema.applied() if ema is not None else contextlib.nullcontext():
         if recipe.adapter.kind == "none":
             # Saved in the model's dtype, like the checkpoint it came from.
-            from psr.core.components import torch_dtype
 
             saved_dtype, wanted = model.transformer.dtype, torch_dtype(recipe.model.dtype)
             if wanted == saved_dtype:
@@ -155,18 +119,13 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     """
     import dataclasses
 
-    from psr.core.presets import load_model_components
-    from psr.core.schema import load_recipe
-    from psr.train.checkpoint import STATE, load_tensors, read_state
-    from psr.train.config import resolve_pretrain
-
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     folder = Path(checkpoint)
     if not (folder / STATE).is_file() or not (folder / "trainable.safetensors").is_file():
         raise UserError(f"--export {checkpoint}: not a checkpoint folder (expected state.json and "
                         "trainable.safetensors, e.g. OUT/checkpoints/step_001000)")
-    recipe = resolve_pretrain(load_recipe("pretrain", str(folder / "recipe.toml")))
+    recipe = resolve_pretrain(load_recipe(PretrainRecipe, str(folder / "recipe.toml")))
     kind = recipe.adapter.kind
     if merge and kind == "none":
         merge = False  # a full fine-tune is already a model folder
@@ -178,7 +137,6 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     components = load_model_components(config)  # the base the run trained on
     named = apply_adapter(components.transformer, recipe.adapter)
     load_trainable(named, load_tensors(folder / weights), str(folder))
-    from psr.core.components import torch_dtype
 
     if components.transformer.dtype != torch_dtype(recipe.model.dtype):
         components.transformer.to(torch_dtype(recipe.model.dtype))

@@ -13,9 +13,13 @@ import contextlib
 import torch
 from PIL import Image
 
+from psr import toyworld as tw
 from psr.core import images as imgs
-from psr.core.model import MultiRefFlux
+from psr.core.attention import TokenLayout
+from psr.core.lora import lora_token_mask
+from psr.core.model import Guidance, MultiRefFlux
 from psr.core.sampler import euler_sample, flux_schedule
+from psr.train.data import open_dataset
 
 TOYWORLD_SEED = 2_000_000_000
 
@@ -23,15 +27,12 @@ TOYWORLD_SEED = 2_000_000_000
 def sample_inputs(cfg, reference_size: int) -> list[tuple[str, list[Image.Image]]]:
     """(prompt, reference images) per grid row."""
     if cfg.dataset:
-        from psr.train.data import open_dataset
-
         dataset = open_dataset(cfg.dataset)
         rows = []
         for k in range(min(cfg.count, len(dataset))):
             item = dataset[k]
             rows.append((item["prompt"], [Image.fromarray(a) for a in item["references"]]))
         return rows
-    from psr import toyworld as tw
 
     ratio = tw.sampling.LEVELS[cfg.level].reference_ratio
     ref_px = (64 if reference_size <= 64 else 128) // ratio  # a level renders references at 1/ratio
@@ -49,10 +50,6 @@ def generate_one(model: MultiRefFlux, prompt: str, references: list[Image.Image]
                  guidance: float, seed: int, image_guidance: float = 1.0) -> Image.Image:
     """One image, with the model's transformer as it is now (LoRA token mask handled per
     guidance branch); `guidance` as in `MultiRefFlux.generate`."""
-    from psr.core.attention import TokenLayout
-    from psr.core.lora import lora_token_mask
-    from psr.core.model import Guidance
-
     grid = (size // model.token_stride, size // model.token_stride)
     text = model.encode_prompt([prompt])
     refs = model.encode_references(references, grid)

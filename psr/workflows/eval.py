@@ -23,10 +23,17 @@ from pathlib import Path
 from typing import Sequence
 
 from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
+from psr.core.presets import PRESETS
 from psr.core.recipe import to_toml
 from psr.errors import UserError
+from psr.eval import report
 from psr.eval.bench import Bench, Item, load_bench, with_result_paths
+from psr.eval.cache import DiskCache
 from psr.eval.config import EvalRecipe, resolve_eval
+from psr.eval.generation import generate_missing, output_path, reconstruct_missing
+from psr.eval.perception import Perception
+from psr.eval.scoring import PENALTY, load_references, metric_names, score_sample
+from psr.eval.sheets import write_sheets
 
 
 def _weights_fingerprint(path: str | None) -> list:
@@ -76,8 +83,6 @@ def _samples(mode: str, bench: Bench, items: Sequence[Item], out: Path, recipe: 
              gen_failures: dict) -> tuple[list[tuple], dict[str, dict[int, str]]]:
     """[(item, seed index, image path or None, path as shown, why missing)] and, per subset,
     the `result_path` to write for each item (only in generate mode)."""
-    from psr.eval.generation import output_path
-
     samples, result_paths = [], {}
     for item in items:
         if mode in ("generate", "reconstruct"):
@@ -103,8 +108,6 @@ def _samples(mode: str, bench: Bench, items: Sequence[Item], out: Path, recipe: 
 
 
 def _check_inputs(mode: str, recipe: EvalRecipe, items: Sequence[Item]) -> None:
-    from psr.core.presets import PRESETS
-
     if not items:
         raise UserError("bench: the chosen subsets hold no items")
     if mode in ("oracle", "reconstruct") and not any("gt_target_path" in it.data for it in items):
@@ -139,8 +142,6 @@ def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bo
              reconstruct: bool = False, limit: int | None = None, subsets: Sequence[str] = (),
              compare: str | None = None, show_progress: bool = True) -> dict:
     """Evaluate and write OUT; returns the results dict written to OUT/results.json."""
-    from psr.eval import report
-
     chosen_modes = [flag for flag, on in (("--score-only", score_only), ("--oracle", oracle),
                                           ("--reconstruct", reconstruct)) if on]
     if len(chosen_modes) > 1:
@@ -161,21 +162,15 @@ def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bo
 
     generated, gen_failures = 0, {}
     if mode == "generate":
-        from psr.eval.generation import generate_missing
-
         _check_same_generator(out, recipe, mode)
         generated, gen_failures = generate_missing(recipe, out, items, show_progress)
     elif mode == "reconstruct":
-        from psr.eval.generation import reconstruct_missing
-
         _check_same_generator(out, recipe, mode)
         generated, gen_failures = reconstruct_missing(recipe, out, bench, items, show_progress)
     samples, result_paths = _samples(mode, bench, items, out, recipe, gen_failures)
     for name in chosen:
         data = with_result_paths(bench, name, result_paths.get(name, {}))
         if mode == "generate" and recipe.seeds_per_item > 1:
-            from psr.eval.generation import output_path
-
             for item in chosen[name]:
                 data[item.index]["result_paths"] = [
                     output_path(out, item, k, recipe.seeds_per_item).relative_to(out).as_posix()
@@ -196,10 +191,6 @@ def _score(recipe: EvalRecipe, out: Path, samples: list[tuple], show_progress: b
     """Score every sample; returns (records, {"cache": hits/misses, "components_built"})."""
     from tqdm import tqdm
 
-    from psr.eval.cache import DiskCache
-    from psr.eval.perception import Perception
-    from psr.eval.scoring import load_references, score_sample
-
     cache = DiskCache(out / "cache")
     perc = Perception(recipe, cache, recipe.device)
     records, refs_of = [], {}
@@ -216,10 +207,6 @@ def _score(recipe: EvalRecipe, out: Path, samples: list[tuple], show_progress: b
 
 
 def _write_results(recipe, bench, out, mode, chosen, samples, records, generated, stats, other) -> dict:
-    from psr.eval import report
-    from psr.eval.scoring import PENALTY, metric_names
-    from psr.eval.sheets import write_sheets
-
     metrics = metric_names(recipe)
     results = {"mode": mode, "bench": str(bench.root), "out": str(out), "metrics": metrics, "penalty": PENALTY}
     results.update(report.aggregate(records, list(chosen), metrics))

@@ -8,13 +8,15 @@ never overwrite each other; each file is written atomically.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from psr.core.images import load_image, sha256_of
 from psr.core.io import prepare_output_dir, write_atomic, write_json_atomic, write_text_atomic
+from psr.core.model import MultiRefFlux
+from psr.core.presets import PRESETS, embedded_model_note
 from psr.core.recipe import to_toml
 from psr.core.schema import GenerateRecipe, resolve_generate
 from psr.errors import UserError
@@ -23,15 +25,6 @@ from psr.errors import UserError
 def _next_index(folder: Path) -> int:
     used = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
     return max(used, default=-1) + 1
-
-
-def embedded_model_note(model_path: str) -> str | None:
-    """The shipped model card's warning, if the embedded weights are not trained."""
-    card = Path(model_path) / "psr_model.json"
-    if not card.is_file():
-        return None
-    info = json.loads(card.read_text())
-    return None if info.get("trained") else info.get("note", "the embedded model is untrained (random init)")
 
 
 def contact_sheet(references: Sequence, images: Sequence, cell: int = 128, gap: int = 8):
@@ -58,9 +51,6 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
                  show_progress: bool = True, sheet: bool = False) -> list[Path]:
     """Generate `recipe.sample.num_images` images; return the PNG paths written (and, with
     `sheet`, last the run's contact sheet `NNNN.sheet.png`: references | images)."""
-    from psr.core.images import load_image, sha256_of
-    from psr.core.presets import PRESETS
-
     recipe = resolve_generate(recipe)
     if not prompt or not prompt.strip():
         raise UserError("prompt: must not be empty")
@@ -77,8 +67,6 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
     out = prepare_output_dir(out_dir)
 
     from tqdm import tqdm
-
-    from psr.core.model import MultiRefFlux
 
     model = MultiRefFlux.from_config(recipe.model)
     sample = recipe.sample

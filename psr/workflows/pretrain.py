@@ -25,9 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psr.core.recipe import to_toml
+from psr.core.adapters import apply_adapter, input_dtype, load_trainable
+from psr.core.attention import TokenLayout
+from psr.core.io import prepare_output_dir, write_atomic, write_text_atomic
+from psr.core.lora import lora_token_mask, moe_aux_loss
+from psr.core.model import MultiRefFlux
+from psr.core.packing import pack
+from psr.core.presets import PRESETS
+from psr.core.recipe import load_recipe, to_toml
+from psr.core.regularizers import RegBatch, active_specs, make_capture, regularizer_losses, regularizer_weight
 from psr.errors import UserError
-from psr.train import TrainingError
+from psr.train import TrainingError, optim
 from psr.train import checkpoint as ckpt
 from psr.train import objective as obj
 from psr.train.config import (
@@ -36,6 +44,10 @@ from psr.train.config import (
     resolve_pretrain,
     training_hash,
 )
+from psr.train.data import ResumableBatchSampler, TrainRows, collate, open_dataset
+from psr.train.export import export_final
+from psr.train.logs import TrainLog, check_tensorboard
+from psr.train.samples import sample_grid, sample_inputs
 
 
 @dataclass
@@ -62,24 +74,16 @@ class Run:
 
 
 def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
-    from psr.core.io import prepare_output_dir
-    from psr.core.presets import PRESETS
-    from psr.train.data import open_dataset
-
     recipe = resolve_pretrain(recipe)
     dataset = open_dataset(recipe.data.path)  # before any weights load: bad data costs nothing
     stride = PRESETS[recipe.model.preset].token_stride
     if recipe.logging.tensorboard:
-        from psr.train.logs import check_tensorboard
-
         check_tensorboard()
     out = prepare_output_dir(recipe.out)
     digest = training_hash(recipe)
 
     def changed_at(checkpoint: Path) -> str:
-        from psr.core.schema import load_recipe
-
-        old = resolve_pretrain(load_recipe("pretrain", str(checkpoint / "recipe.toml")))
+        old = resolve_pretrain(load_recipe(PretrainRecipe, str(checkpoint / "recipe.toml")))
         return recipe_difference(old, recipe)
 
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
@@ -104,7 +108,6 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                         f"this run has {accelerator.num_processes}; the data order is split by process, so "
                         "resume with the same number")
     start = state["step"]
-    from psr.train.data import ResumableBatchSampler, TrainRows, collate
 
     rows = TrainRows(dataset, stride, recipe.model.reference_size, recipe.data.max_references)
     sampler = ResumableBatchSampler(rows.layout_keys(), recipe.train.batch_size, recipe.train.seed,
@@ -117,10 +120,6 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                                          persistent_workers=recipe.data.num_workers > 0,
                                          generator=torch.Generator().manual_seed(recipe.train.seed))
     set_seed(recipe.train.seed)  # adapter initialisation; everything per step has its own generator
-
-    from psr.core.model import MultiRefFlux
-    from psr.train import optim
-    from psr.train.export import apply_adapter, load_trainable
 
     model = MultiRefFlux.from_config(dataclasses.replace(recipe.model, device=str(device)))
     for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
@@ -158,13 +157,9 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
     if accelerator.is_main_process:
         from tqdm import tqdm
 
-        from psr.train.logs import TrainLog
-
         log = TrainLog(out, tensorboard=recipe.logging.tensorboard, resume_step=start,
                        total_steps=recipe.train.steps, echo=lambda s: tqdm.write(s, file=sys.stdout))
         if recipe.samples.every:
-            from psr.train.samples import sample_inputs
-
             sample_rows = sample_inputs(recipe.samples, recipe.model.reference_size)
         count = sum(p.numel() for _, p in named)
         log.note(f"{len(rows)} rows ({dataset.report.summary()}); {count:,} trainable weights "
@@ -173,8 +168,6 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                  + (f"resuming at step {start}" if start else "starting at step 0"))
     recipe_toml = to_toml(recipe, header=f"resolved recipe of psr pretrain run {out}")
     if accelerator.is_main_process:
-        from psr.core.io import write_text_atomic
-
         write_text_atomic(out / "recipe.toml", recipe_toml)
     return Run(recipe=recipe, out=out, accelerator=accelerator, model=model, transformer=prepared, named=named,
                optimizer=optimizer, scheduler=scheduler, ema=ema, batches=iter(loader), sampler=sampler,
@@ -182,18 +175,8 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                start=start, sample_rows=sample_rows, loader=loader)
 
 
-def input_dtype(transformer, kind: str):
-    """The dtype the transformer's inputs take: its frozen base weights' (adapters), or the
-    float32 master weights' (full fine-tune; autocast decides the compute dtype)."""
-    params = list(transformer.parameters())
-    frozen = [p for p in params if not p.requires_grad]
-    return (frozen[0] if kind != "none" and frozen else params[0]).dtype
-
-
 def term_names(recipe: PretrainRecipe, step: int) -> list[str]:
     """The loss terms logged at `step` (0-based), in order: the same on every process."""
-    from psr.core.regularizers import active_specs
-
     names = ["diffusion", *(s.name for s in active_specs(recipe.regularizers, step))]
     return names + (["moe_aux"] if recipe.adapter.kind == "moe_lora" else []) + ["loss"]
 
@@ -202,9 +185,6 @@ def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout,
     """(terms for logging, total to backward) of one group; each term is weighted by the
     group's share so that the sums over groups are batch means."""
     import torch
-
-    from psr.core.lora import moe_aux_loss
-    from psr.core.regularizers import RegBatch, regularizer_losses, regularizer_weight
 
     r, device = run.recipe, run.model.device
     share = len(rows) / len(batch)
@@ -231,11 +211,6 @@ def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout,
 def micro_step(run: Run, batch, generator, step: int, last: bool) -> dict[str, float]:
     """Forward and backward of one micro-batch (module docstring); returns its loss terms."""
     import torch
-
-    from psr.core.attention import TokenLayout
-    from psr.core.lora import lora_token_mask
-    from psr.core.packing import pack
-    from psr.core.regularizers import make_capture
 
     r, model, acc = run.recipe, run.model, run.accelerator
     n = len(batch)
@@ -305,9 +280,6 @@ def save_checkpoint(run: Run, step: int) -> Path:
 
 
 def write_samples(run: Run, step: int) -> Path:
-    from psr.core.io import write_atomic
-    from psr.train.samples import sample_grid
-
     s = run.recipe.samples
     with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
         grid = sample_grid(run.model, run.sample_rows, size=s.size, steps=s.steps, guidance=s.guidance,
@@ -371,8 +343,6 @@ def train(run: Run, show_progress: bool = True) -> dict[str, float]:
 
 def finish(run: Run) -> dict:
     """The final export (main process) and the run's summary."""
-    from psr.train.export import export_final
-
     out = {"step": run.recipe.train.steps, "final": str(run.out / "final"),
            "main_process": run.accelerator.is_main_process,
            "checkpoint": str(ckpt.latest_checkpoint(run.out / "checkpoints"))}

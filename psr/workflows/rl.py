@@ -20,13 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psr.core.recipe import to_toml
+from psr.core.adapters import apply_adapter, load_trainable
+from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
+from psr.core.lora import moe_aux_loss
+from psr.core.model import MultiRefFlux
+from psr.core.presets import PRESETS
+from psr.core.recipe import load_recipe, to_toml
+from psr.core.weights import load_weights
 from psr.errors import UserError
+from psr.rewards import build_rewards
+from psr.rl import dpo, grpo
+from psr.rl.advantages import group_advantages
 from psr.rl.config import OPERATIONAL, RlRecipe, resolve_rl
+from psr.rl.evaluation import evaluate
 from psr.rl.grpo import TimedReward
+from psr.rl.policy import Policy
+from psr.rl.sources import check_source, draw_indices, eval_items, open_source
 from psr.train import checkpoint as ckpt
+from psr.train import optim
 from psr.train.config import recipe_difference, training_hash
-from psr.train.logs import TrainLog
+from psr.train.export import export_final
+from psr.train.logs import TrainLog, check_tensorboard
+from psr.train.objective import sample_sigmas
+from psr.workflows.pretrain import _check_finite
 
 PAIR, DPO_NOISE = 0xFA12, 0xD90
 
@@ -58,10 +74,6 @@ class Run:
 
 
 def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable | None = None) -> Run:
-    from psr.core.io import prepare_output_dir, write_text_atomic
-    from psr.core.presets import PRESETS
-    from psr.rl.sources import check_source, eval_items, open_source
-
     recipe = resolve_rl(recipe)
     # Everything that can be checked without weights comes first: bad input costs nothing.
     source = open_source(recipe.data.path, recipe.data.subsets, recipe.data.max_references)
@@ -69,16 +81,12 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
     held_out = eval_items(recipe.eval.bench, recipe.eval.subsets, recipe.eval.limit, recipe.model.max_references) \
         if recipe.eval.every else []
     if recipe.logging.tensorboard:
-        from psr.train.logs import check_tensorboard
-
         check_tensorboard()
     out = prepare_output_dir(recipe.out)
     digest = training_hash(recipe, OPERATIONAL)
 
     def changed_at(checkpoint: Path) -> str:
-        from psr.core.schema import load_recipe
-
-        old = resolve_rl(load_recipe("rl", str(checkpoint / "recipe.toml")))
+        old = resolve_rl(load_recipe(RlRecipe, str(checkpoint / "recipe.toml")))
         return recipe_difference(old, recipe, OPERATIONAL)
 
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
@@ -95,12 +103,6 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
     if latest is not None and state.get("world_size") != accelerator.num_processes:
         raise UserError(f"--resume: {latest} was written by {state.get('world_size')} process(es), this run has "
                         f"{accelerator.num_processes}; prompts are split by process, so resume with the same number")
-
-    from psr.core.model import MultiRefFlux
-    from psr.rl.policy import Policy
-    from psr.train import optim
-    from psr.train.export import apply_adapter, load_trainable
-    from psr.train.weights import load_weights
 
     model = MultiRefFlux.from_config(dataclasses.replace(recipe.model, device=str(device)))
     for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
@@ -123,8 +125,6 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
         else None
     needs_rewards = recipe.uses_rollouts or recipe.dpo.pairs == "self-ranked" or recipe.eval.every > 0
     if rewards is None and recipe.rewards and needs_rewards:
-        from psr.rewards import build_rewards
-
         rewards = build_rewards(recipe.rewards, device)
     if latest is not None:
         saved = ckpt.load_checkpoint(latest, accelerator.process_index)
@@ -169,7 +169,6 @@ def _sync(run: Run):
 def _aux(run: Run):
     if run.recipe.adapter.kind != "moe_lora":
         return None
-    from psr.core.lora import moe_aux_loss
 
     return lambda: run.recipe.adapter.aux_weight * moe_aux_loss(run.model.transformer)
 
@@ -192,11 +191,6 @@ def _gather(run: Run, values):
 
 def grpo_step(run: Run, step: int) -> dict[str, float]:
     """Rollouts, rewards, advantages and `policy.inner_epochs` updates of one step."""
-    from psr.rl import grpo
-    from psr.rl.advantages import group_advantages
-    from psr.rl.sources import draw_indices
-    from psr.workflows.pretrain import _check_finite
-
     r, acc = run.recipe, run.accelerator
     rank, seed, g = acc.process_index, r.train.seed, r.rollout.group_size
     begin, reward_before = time.perf_counter(), run.reward.seconds
@@ -233,11 +227,6 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
 def dpo_step(run: Run, step: int) -> dict[str, float]:
     """One pair per prompt, the FocusDPO loss, one optimizer step."""
     import torch
-
-    from psr.rl import dpo, grpo
-    from psr.rl.sources import draw_indices
-    from psr.train.objective import sample_sigmas
-    from psr.workflows.pretrain import _check_finite
 
     r, acc = run.recipe, run.accelerator
     rank, seed = acc.process_index, r.train.seed
@@ -308,8 +297,6 @@ def save_checkpoint(run: Run, step: int) -> Path:
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
     """Held-out evaluation on the main process (EMA weights when on); the others wait."""
-    from psr.rl.evaluation import evaluate
-
     values = {}
     if run.accelerator.is_main_process:
         with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
@@ -357,9 +344,6 @@ def train(run: Run, show_progress: bool = True) -> dict[str, float]:
 
 def finish(run: Run) -> dict:
     """The final export (main process) and the run's summary."""
-    from psr.core.io import write_json_atomic
-    from psr.train.export import export_final
-
     r = run.recipe
     out = {"step": r.train.steps, "final": str(run.out / "final"), "main_process": run.accelerator.is_main_process,
            "checkpoint": str(ckpt.latest_checkpoint(run.out / "checkpoints"))}

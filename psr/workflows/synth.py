@@ -21,9 +21,11 @@ from pathlib import Path
 
 from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
 from psr.core.recipe import to_toml
-from psr.core.schema import SynthRecipe
 from psr.errors import UserError
 from psr.synth import dataset as ds
+from psr.synth.config import SynthRecipe
+from psr.synth.psrbench import export_psrbench
+from psr.synth.sources import SOURCES
 
 
 def recipe_hash(recipe: SynthRecipe) -> str:
@@ -55,8 +57,6 @@ def _work_shard(args) -> tuple[int, int, int]:
     """Worker entry: build the source once per process and recipe, write one shard."""
     recipe, out, shard, num_samples, digest, device = args
     if (digest, device) not in _SOURCES_BUILT:
-        from psr.synth.sources import SOURCES
-
         _SOURCES_BUILT.clear()  # one source (and its models) alive at a time
         _SOURCES_BUILT[digest, device] = SOURCES[recipe.source](recipe, device)
     source = _SOURCES_BUILT[digest, device]
@@ -79,9 +79,7 @@ def run_synth(recipe: SynthRecipe, out_dir: str, num_samples: int | None = None,
             raise UserError("--num-samples: must be >= 1")
         recipe = dataclasses.replace(recipe, num_samples=num_samples)
     if recipe.format == "psrbench":
-        from psr.synth.psrbench import export_psrbench
-
-        return export_psrbench(recipe, out_dir, show_progress=show_progress)
+        return export_psrbench(recipe, out_dir, recipe_hash(recipe), show_progress=show_progress)
 
     from accelerate import PartialState
     from tqdm import tqdm

@@ -128,7 +128,7 @@ def test_unknown_level_is_refused_with_the_known_ones():
 
 
 def test_synth_recipe_checks_the_level_and_its_reference_size():
-    from psr.core.schema import load_recipe
+    from psr.cli.recipes import load_recipe
     from psr.errors import RecipeError
 
     assert load_recipe("synth", overrides=["toyworld.level='easy'", "toyworld.reference_size=32"]).toyworld.level == "easy"

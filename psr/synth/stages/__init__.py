@@ -19,48 +19,43 @@ Stage kinds and the call each stage object answers (`psr.synth.pipeline` chains 
     matcher      (reference, target, ref_mask, tgt_mask, token_stride) -> [(ref_token, tgt_token)]
     edit         (target, plan, seed)                    -> EditResult | None
 
-Every factory takes `device` and its options and imports torch, transformers and
-diffusers only when it runs, so importing this module (recipe validation) is cheap.
+Every factory takes `device` and its options. The table names each factory by path, so
+importing this package (recipe validation) loads no model library; a stage's module, and
+torch, transformers or diffusers, load when a recipe names that stage.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
+from psr.core.recipe import _suggest
+from psr.core.registry import Registry
 from psr.errors import UserError
-from psr.synth.stages.common import derive_seed
-from psr.synth.stages.detectors import GroundingDinoDetector, _grounding_dino_detector
-from psr.synth.stages.filters import FeatureCosineFilter, FilterVerdict, _feature_cosine, cosine_verdict
-from psr.synth.stages.flux import (EDIT_TEMPLATES, PERSONALIZE_TEMPLATE, EditResult, FluxTarget, KontextEdit,
-                                   KontextPersonalize, _flux_target, _kontext_edit, _kontext_personalize, load_flux)
-from psr.synth.stages.matchers import (MnnMatcher, _dinov2_mnn, agree, mnn_token_pairs, mutual_nearest_neighbours,
-                                       patch_tokens)
-from psr.synth.stages.toy import (ToyDetector, ToyEdit, ToyMatcher, ToyPersonalize, ToyPrompt, ToyPromptPlan,
-                                  ToyTarget, _toy_detector, _toy_edit, _toy_matcher, _toy_personalize, _toy_prompt,
-                                  _toy_target, parse_prompt)
-from psr.synth.stages.prompts import (PROMPT_TEMPLATES, RELATIONS, SCENES, LlmPrompt, PromptPlan, TemplatePrompt,
-                                      _llm_prompt, _template_prompt, mentions, sanitize_llm_text, template_plan)
 
 # ---------------------------------------------------------------------------- registry
-SYNTH_STAGES: dict[str, dict[str, Callable[..., Any]]] = {
-    # Real models first; `toyworld` entries run the same pipeline offline (psr.synth.stages.toy).
-    "prompt": {"template": _template_prompt, "llm": _llm_prompt, "toyworld": _toy_prompt},
-    "target": {"flux": _flux_target, "toyworld": _toy_target},
-    "detector": {"grounding-dino": _grounding_dino_detector, "toyworld": _toy_detector},
-    "personalize": {"kontext": _kontext_personalize, "toyworld": _toy_personalize},
-    "filter": {"feature-cosine": _feature_cosine},
-    "matcher": {"dinov2-mnn": _dinov2_mnn, "toyworld": _toy_matcher},
-    "edit": {"kontext-edit": _kontext_edit, "toyworld": _toy_edit},
+# Real models first; `toyworld` entries run the same pipeline offline (psr.synth.stages.toy).
+SYNTH_STAGES: dict[str, Registry[Callable[..., Any]]] = {
+    "prompt": Registry("prompt stage", {"template": "psr.synth.stages.prompts:_template_prompt",
+                                        "llm": "psr.synth.stages.prompts:_llm_prompt",
+                                        "toyworld": "psr.synth.stages.toy:_toy_prompt"}),
+    "target": Registry("target stage", {"flux": "psr.synth.stages.flux:_flux_target",
+                                        "toyworld": "psr.synth.stages.toy:_toy_target"}),
+    "detector": Registry("detector stage", {"grounding-dino": "psr.synth.stages.detectors:_grounding_dino_detector",
+                                            "toyworld": "psr.synth.stages.toy:_toy_detector"}),
+    "personalize": Registry("personalize stage", {"kontext": "psr.synth.stages.flux:_kontext_personalize",
+                                                  "toyworld": "psr.synth.stages.toy:_toy_personalize"}),
+    "filter": Registry("filter stage", {"feature-cosine": "psr.synth.stages.filters:_feature_cosine"}),
+    "matcher": Registry("matcher stage", {"dinov2-mnn": "psr.synth.stages.matchers:_dinov2_mnn",
+                                          "toyworld": "psr.synth.stages.toy:_toy_matcher"}),
+    "edit": Registry("edit stage", {"kontext-edit": "psr.synth.stages.flux:_kontext_edit",
+                                    "toyworld": "psr.synth.stages.toy:_toy_edit"}),
 }
 
 
 def check_stage_options(kind: str, name: str, options: dict[str, Any]) -> None:
     """Raise a one-line UserError for an unknown kind, name or option, naming the nearest
     valid one, without building anything (the factory's signature is the option list)."""
-    import inspect
-
-    from psr.core.recipe import _suggest
-
     if kind not in SYNTH_STAGES:
         raise UserError(f"pipeline.{kind}: unknown stage kind{_suggest(kind, SYNTH_STAGES)}; "
                         f"choose from {', '.join(SYNTH_STAGES)}")

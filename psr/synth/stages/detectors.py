@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from psr.core.detect import crop_box
+from psr.core.detect import assign_boxes, build_localizer, crop_box
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,8 +25,6 @@ class GroundingDinoDetector:
         self.max_overlap = max_overlap
 
     def __call__(self, image: "Image.Image", categories: Sequence[str]) -> list["Detection | None"]:
-        from psr.core.detect import assign_boxes
-
         queries = list(dict.fromkeys(categories))
         return assign_boxes(self.localizer.detect(image, queries), list(categories), self.max_overlap)
 
@@ -43,8 +41,6 @@ def _grounding_dino_detector(device="cpu", *, path: str | None = None, tiny: boo
     crop margin as a fraction of the box; `max_overlap`: IoU above which a second subject
     of the same category may not reuse a box; `localizer`: an already built Localizer."""
     if localizer is None:
-        from psr.core.detect import build_localizer
-
         localizer = build_localizer("grounding-dino", device, path=path, tiny=tiny, config=config, words=words,
                                     seed=seed, threshold=threshold, nms_iou=nms_iou,
                                     max_detections=max_detections, dtype=dtype)

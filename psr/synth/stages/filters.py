@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from psr.core.features import as_feature_extractor
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ def _feature_cosine(device="cpu", *, extractor: Any = None, threshold: float = 0
     """`extractor`: {"name": "dino", "path": ...} (PSR's DINO ViT-S/16 protocol) or a built
     FeatureExtractor; `threshold`: least reference↔crop cosine; `distinct_threshold`:
     references at or above this cosine to each other count as duplicates (above 1: never)."""
-    from psr.core.features import as_feature_extractor
-
     if extractor is None:
         raise UserError("filter 'feature-cosine': set extractor, "
                         "e.g. {name = \"dino\", path = \"facebook/dino-vits16\"}")

@@ -6,6 +6,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
+from psr.core.model import MultiRefFlux
+from psr.core.presets import PRESETS
+from psr.core.recipe import _suggest
+from psr.core.schema import ModelConfig
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,13 +45,7 @@ def load_flux(device, *, preset: str, path: str | None = None, dtype: str | None
               cpu_offload: bool = False, attention_backend: str | None = None,
               reference_size: int | None = None, max_sequence_length: int | None = None):
     """(MultiRefFlux, Preset) from ModelConfig-like options; None takes the preset's value."""
-    from psr.core.model import MultiRefFlux
-    from psr.core.presets import PRESETS
-    from psr.core.schema import ModelConfig
-
     if preset not in PRESETS:
-        from psr.core.recipe import _suggest
-
         raise UserError(f"preset {preset!r}: unknown{_suggest(preset, PRESETS)}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     config = ModelConfig(
@@ -60,8 +58,6 @@ def load_flux(device, *, preset: str, path: str | None = None, dtype: str | None
 
 def _flux_model(device, model, preset, **load_options):
     """A shared model as given, else one loaded from the options; plus the preset's defaults."""
-    from psr.core.presets import PRESETS
-
     if model is not None:
         if preset not in PRESETS:
             raise UserError(f"preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from psr.core.features import as_feature_extractor
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -114,8 +115,6 @@ def _dinov2_mnn(device="cpu", *, extractor: Any = None, agreement: Any = None, a
                 min_similarity: float = 0.0) -> MnnMatcher:
     """`extractor`: {"name": "dinov2", "path": ...} or a built FeatureExtractor;
     `agreement`: a second one (e.g. {"name": "dino", ...}) whose matches must agree."""
-    from psr.core.features import as_feature_extractor
-
     if extractor is None:
         raise UserError("matcher 'dinov2-mnn': set extractor, "
                         "e.g. {name = \"dinov2\", path = \"facebook/dinov2-small\"}")

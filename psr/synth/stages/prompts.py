@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 from psr.core.components import HoldsModel
+from psr.core.features import _first_line, _resolve_device, _torch_dtype
+from psr.core.tiny import build_clip_tokenizer
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -192,8 +194,6 @@ def _llm_prompt(device="cpu", *, path: str | None = None, tiny: bool = False, se
                 do_sample: bool = True, max_chars: int = 300) -> LlmPrompt:
     """`path`: hub id or folder of a causal LM with its tokenizer. `tiny`: a random-init
     2-layer GPT-2 over the CLIP BPE vocabulary (built offline), for tests."""
-    from psr.core.features import _first_line, _resolve_device, _torch_dtype
-
     dt = _torch_dtype(dtype)
     if path is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,8 +206,6 @@ def _llm_prompt(device="cpu", *, path: str | None = None, tiny: bool = False, se
     elif tiny:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
-
-        from psr.core.tiny import build_clip_tokenizer
 
         tokenizer = build_clip_tokenizer(77)
         cpu_state = torch.random.get_rng_state()

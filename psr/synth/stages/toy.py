@@ -35,15 +35,20 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from psr import toyworld as tw
+from psr.core.detect import box_iou, build_localizer
 from psr.errors import UserError
 from psr.synth.stages.detectors import GroundingDinoDetector
 from psr.synth.stages.flux import EditResult
 from psr.synth.stages.prompts import PromptPlan
+from psr.toyworld import wording
+from psr.toyworld.identity import COLOUR_NAMES, SHAPE_NAMES, Identity
+from psr.toyworld.layout import place_free, place_pair
+from psr.toyworld.prompts import subject_phrase
+from psr.toyworld.sampling import SUBJECT_SIZES, sample_pose, sample_reference, sample_target
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from psr import toyworld as tw
 
 WORLD_KEY = "toyworld"
 """`PIL.Image.info` key of a toy image's scene: {"spec": SceneSpec dict, "boxes": [[x0, y0, x1, y1], …]}."""
@@ -57,8 +62,6 @@ def _rng(seed: int) -> np.random.Generator:
 
 
 def _id_range(split: str) -> tuple[int, int]:
-    from psr import toyworld as tw
-
     if split not in tw.DEFAULT_ID_RANGES:
         raise UserError(f"id_split {split!r}: choose one of {', '.join(tw.DEFAULT_ID_RANGES)}")
     return tw.DEFAULT_ID_RANGES[split]
@@ -67,8 +70,6 @@ def _id_range(split: str) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4)
 def _identity_index(id_range: tuple[int, int]) -> dict[tuple[str, str, str], list[int]]:
     """(shape, colour, pattern) → ids in range: what a caption can say about an identity."""
-    from psr.toyworld.identity import Identity
-
     index: dict[tuple[str, str, str], list[int]] = {}
     for i in range(*id_range):
         ident = Identity.from_id(i)
@@ -89,8 +90,6 @@ def attach_world(image: "Image.Image", render: "tw.Render", spec: "tw.SceneSpec"
 
 
 def read_world(image: "Image.Image", stage: str) -> tuple["tw.SceneSpec", list[list[int]]]:
-    from psr import toyworld as tw
-
     raw = image.info.get(WORLD_KEY)
     if raw is None:
         raise UserError(f"toyworld {stage}: the image carries no ToyWorld scene; the toyworld {stage} stage "
@@ -100,8 +99,6 @@ def read_world(image: "Image.Image", stage: str) -> tuple["tw.SceneSpec", list[l
 
 
 def _render(spec: "tw.SceneSpec", size: int):
-    from psr import toyworld as tw
-
     shown = tw.render(spec, size)
     from PIL import Image
 
@@ -109,8 +106,6 @@ def _render(spec: "tw.SceneSpec", size: int):
 
 
 def _scene_key(phrase: str) -> str | None:
-    from psr.toyworld import wording
-
     return next((key for key, text in wording.SCENE_PHRASES.items() if text == phrase), None)
 
 
@@ -123,24 +118,16 @@ class ToyPromptPlan(PromptPlan):
     variant: int = 0
 
     def spec(self) -> "tw.SceneSpec":
-        from psr import toyworld as tw
-
         return tw.SceneSpec.from_dict(self.world)
 
     def subject_name(self, i: int) -> str:
-        from psr.toyworld.prompts import subject_phrase
-
         return subject_phrase(self.spec().subjects[i])
 
     def render(self) -> str:
-        from psr import toyworld as tw
-
         return tw.build_prompt(self.spec(), self.variant)
 
 
 def toy_plan(spec: "tw.SceneSpec", variant: int = 0, source: str = "toyworld") -> ToyPromptPlan:
-    from psr.toyworld import wording
-
     plan = ToyPromptPlan(categories=[_category(s.identity) for s in spec.subjects],
                          scene=wording.SCENE_PHRASES[spec.scene],
                          relation=wording.RELATION_PHRASES[spec.relation] if spec.relation else None,
@@ -151,8 +138,6 @@ def toy_plan(spec: "tw.SceneSpec", variant: int = 0, source: str = "toyworld") -
 
 
 def _category(identity: int) -> str:
-    from psr.toyworld.identity import Identity
-
     return Identity.from_id(identity).category
 
 
@@ -165,9 +150,6 @@ class ToyPrompt:
         self.id_range, self.attribute_rate = id_range, attribute_rate
 
     def __call__(self, categories: Sequence[str], seed: int) -> ToyPromptPlan:
-        from psr import toyworld as tw
-        from psr.toyworld.sampling import sample_target
-
         by_shape = _shape_index(self.id_range)
         unknown = [c for c in categories if c not in by_shape]
         if unknown:
@@ -208,9 +190,6 @@ class ParsedPrompt:
 
 @functools.lru_cache(maxsize=1)
 def _name_pattern() -> re.Pattern:
-    from psr.toyworld import wording
-    from psr.toyworld.identity import COLOUR_NAMES, SHAPE_NAMES
-
     alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
     adjectives = [a for a in wording.PATTERN_ADJECTIVES.values() if a]
     return re.compile(rf"\bthe ({alt(COLOUR_NAMES)}) (?:({alt(adjectives)}) )?({alt(SHAPE_NAMES)}) creature\b")
@@ -219,8 +198,6 @@ def _name_pattern() -> re.Pattern:
 def parse_prompt(text: str) -> ParsedPrompt:
     """Read a ToyWorld caption: each named subject with its attributes, the relation
     between the first two, and the scene. Raises UserError if no subject is named."""
-    from psr.toyworld import wording
-
     pattern_of = {adj: name for name, adj in wording.PATTERN_ADJECTIVES.items()}
     matches = list(_name_pattern().finditer(text.lower()))
     if not matches:
@@ -250,10 +227,6 @@ class ToyTarget:
         self.size, self.id_range = size, id_range
 
     def compose(self, text: str, seed: int) -> "tw.SceneSpec":
-        from psr import toyworld as tw
-        from psr.toyworld.layout import place_free, place_pair
-        from psr.toyworld.sampling import SUBJECT_SIZES, sample_pose
-
         parsed = parse_prompt(text)
         if len(parsed.subjects) > max(SUBJECT_SIZES):
             raise UserError(f"toyworld target: {len(parsed.subjects)} subjects named; ToyWorld draws at most "
@@ -299,8 +272,6 @@ class ToyDetector(GroundingDinoDetector):
     name = "toyworld"
 
     def crop(self, image: "Image.Image", box: Sequence[float]) -> "Image.Image":
-        from psr.core.detect import box_iou
-
         crop = super().crop(image, box)
         raw = image.info.get(WORLD_KEY)
         if raw is not None:
@@ -317,8 +288,6 @@ def _toy_detector(device="cpu", *, path: str | None = None, threshold: float = 0
     """`path`: localizer weights (default: the shipped ones); `threshold`: detection score;
     `pad`, `max_overlap`: as for the grounding-dino detector."""
     if localizer is None:
-        from psr.core.detect import build_localizer
-
         localizer = build_localizer("toyworld", device, path=path, threshold=threshold)
     return ToyDetector(localizer, pad=pad, max_overlap=max_overlap)
 
@@ -334,9 +303,6 @@ class ToyPersonalize:
         self.size = size
 
     def __call__(self, crop: "Image.Image", category: str, avoid_scene: str, seed: int) -> tuple["Image.Image", str]:
-        from psr import toyworld as tw
-        from psr.toyworld.sampling import sample_reference
-
         raw = crop.info.get(SUBJECT_KEY)
         if raw is None:
             raise UserError("toyworld personalize: the crop carries no ToyWorld subject; use the toyworld "
@@ -361,8 +327,6 @@ class ToyMatcher:
 
     def __call__(self, reference: "Image.Image", target: "Image.Image", ref_mask, tgt_mask,
                  token_stride: int) -> list[tuple[int, int]]:
-        from psr import toyworld as tw
-
         ref_spec, _ = read_world(reference, "matcher")
         tgt_spec, _ = read_world(target, "matcher")
         identity = ref_spec.subjects[0].identity
@@ -394,9 +358,6 @@ class ToyEdit:
         self.kinds, self.rate = tuple(kinds), rate
 
     def __call__(self, target: "Image.Image", plan: PromptPlan, seed: int) -> EditResult | None:
-        from psr import toyworld as tw
-        from psr.toyworld import wording
-
         rng = random.Random(seed)
         if rng.random() >= self.rate:
             return None

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from psr.core.components import HoldsModel
+from psr.core.features import whole_image_size
 from psr.errors import UserError
+from psr.toyworld.perception import IDENTITY_ASSETS
+from psr.toyworld.perception.weights import load_folder, save_folder
 
 if TYPE_CHECKING:
     import torch
@@ -79,8 +82,6 @@ class ToyIdentityEncoder(HoldsModel):
         import torch.nn.functional as F
         from PIL import Image as PILImage
 
-        from psr.core.features import whole_image_size
-
         image = image.convert("RGB")
         size = whole_image_size(image.width, image.height, self.patch_image_size, 8)
         pixels = np.asarray(image.resize(size, PILImage.Resampling.BILINEAR), dtype=np.float32) / 255
@@ -91,16 +92,11 @@ class ToyIdentityEncoder(HoldsModel):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a folder that `path=folder` loads back."""
-        from psr.toyworld.perception.weights import save_folder
-
         save_folder(folder, "identity", self.model, self.meta.get("config", {}), self.meta.get("labels", {}))
 
 
 def toyworld_extractor(device="cpu", *, path: str | None = None, batch_size: int = 256,
                        patch_image_size: int = 64) -> ToyIdentityEncoder:
     """`path`: a weights folder; None loads the shipped psr/assets/toyworld/identity/."""
-    from psr.toyworld.perception import IDENTITY_ASSETS
-    from psr.toyworld.perception.weights import load_folder
-
     model, meta = load_folder(IDENTITY_ASSETS if path is None else path, "identity", device)
     return ToyIdentityEncoder(model, meta, batch_size=batch_size, patch_image_size=patch_image_size)

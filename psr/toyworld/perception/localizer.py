@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from psr.core.components import HoldsModel
+from psr.core.detect import Detection
 from psr.errors import UserError
+from psr.toyworld.perception import LOCALIZER_ASSETS
+from psr.toyworld.perception.weights import load_folder, save_folder
 
 if TYPE_CHECKING:
     import torch
@@ -175,8 +178,6 @@ class ToyLocalizer(HoldsModel):
     def detect(self, image: "Image.Image", queries: Sequence[str]) -> list:
         """`Detection`s of the instances whose category a query names, labelled with that
         query (the first one naming it), best first."""
-        from psr.core.detect import Detection
-
         if not queries:
             return []
         named = [(q, query_categories(q, self.categories)) for q in queries]
@@ -188,17 +189,12 @@ class ToyLocalizer(HoldsModel):
         return out
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from psr.toyworld.perception.weights import save_folder
-
         save_folder(folder, "localizer", self.model, self.meta.get("config", {}), self.meta.get("labels", {}))
 
 
 def toyworld_localizer(device="cpu", *, path: str | None = None, threshold: float = 0.5,
                        nms_iou: float | None = 0.7, max_detections: int = 32) -> ToyLocalizer:
     """`path`: a weights folder; None loads the shipped psr/assets/toyworld/localizer/."""
-    from psr.toyworld.perception import LOCALIZER_ASSETS
-    from psr.toyworld.perception.weights import load_folder
-
     if not 0.0 < threshold < 1.0:
         raise UserError(f"toyworld localizer threshold {threshold}: must be in (0, 1)")
     if nms_iou is not None and not 0.0 < nms_iou <= 1.0:

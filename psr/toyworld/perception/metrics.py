@@ -25,8 +25,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from psr import toyworld as tw
-from psr.toyworld.perception.data import (ATTRIBUTE_NAMES, EVAL_CONDITIONS, apply_condition, reference_view,
-                                          target_view, to_float)
+from psr.core.detect import box_iou, crop_box
+from psr.toyworld.perception.data import (
+    ATTRIBUTE_NAMES,
+    EVAL_CONDITIONS,
+    apply_condition,
+    localizer_scene,
+    reference_view,
+    target_view,
+    to_float,
+)
 from psr.toyworld.sampling import poses_differ
 
 if TYPE_CHECKING:
@@ -62,8 +70,6 @@ def retrieval_sets(num_ids: int, seed: int = 12345, size: int = 64):
 
 
 def _crops(renders, condition: str, pad: float, seed: int) -> list["Image.Image"]:
-    from psr.core.detect import crop_box
-
     images = _degraded_images(np.stack([r.image for r in renders]), condition, seed)
     return [crop_box(im, r.boxes[-1].tolist(), pad) for im, r in zip(images, renders)]
 
@@ -92,8 +98,6 @@ def retrieval_table(encoder, num_ids: int = 1000, seed: int = 12345, pad: float 
 
 # ---------------------------------------------------------------------------- detection
 def detection_renders(num_images: int, seed: int = 54321, size: int = 64) -> list:
-    from psr.toyworld.perception.data import localizer_scene
-
     rng = np.random.default_rng([0xDE7, seed])
     return [tw.render(localizer_scene(rng, tw.DEFAULT_ID_RANGES["eval"], empty_rate=0.0), size)
             for _ in range(num_images)]
@@ -102,8 +106,6 @@ def detection_renders(num_images: int, seed: int = 54321, size: int = 64) -> lis
 def match_detections(dets, boxes, cats, iou: float = 0.5) -> list[tuple[int, int]]:
     """Greedy (detection index, subject index) pairs: best score first, same category,
     IoU >= iou, each subject at most once. `dets` carry .box, .score, .category."""
-    from psr.core.detect import box_iou
-
     taken, pairs = set(), []
     for di in sorted(range(len(dets)), key=lambda i: -dets[i].score):
         best, best_iou = None, iou

@@ -15,7 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from psr.core.features import _resolve_device
+from psr.core.io import write_atomic, write_json_atomic
 from psr.errors import UserError
+from psr.toyworld.perception.nets import build_net
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -25,8 +28,6 @@ CONFIG = "config.json"
 def save_folder(folder: str | Path, kind: str, model, config: dict, labels: dict[str, Any]) -> Path:
     """Write `model`'s weights and its config into `folder` (created), each file atomically."""
     from safetensors.torch import save_file
-
-    from psr.core.io import write_atomic, write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,8 +42,6 @@ def load_folder(path: str | Path, kind: str, device="cpu"):
     Any problem with the folder is a one-line UserError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from psr.toyworld.perception.nets import build_net
 
     folder = Path(path).expanduser()
     what = f"toyworld {kind} weights {path}"
@@ -67,6 +66,5 @@ def load_folder(path: str | Path, kind: str, device="cpu"):
     except (TypeError, RuntimeError, SafetensorError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise UserError(f"{what}: the weights do not fit the config ({first})") from None
-    from psr.core.features import _resolve_device
 
     return net.to(_resolve_device(device)).eval(), meta

@@ -13,12 +13,25 @@ from pathlib import Path
 
 import torch
 
+from psr.core.components import FluxComponents
+from psr.core.adapters import LORA_FILE, MOE_FILE, AdapterConfig, apply_adapter, load_trainable
+from psr.core.lora import load_lora, merge_lora
+from psr.core.presets import PRESETS
+from psr.core.recipe import build, read_toml
+from psr.core.schema import ModelConfig
 from psr.errors import UserError
+
+STATE = "state.json"
+"""The file that marks a complete training checkpoint folder (written last)."""
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def _merge_lora_file(transformer, path: Path, where: str) -> str:
-    from psr.core.lora import load_lora, merge_lora
-
     try:
         load_lora(transformer, path)
         merge_lora(transformer)
@@ -40,15 +53,15 @@ def _full_weights(transformer, tensors: dict[str, torch.Tensor], where: str) -> 
 
 
 def _from_checkpoint(transformer, folder: Path, where: str, use_ema: bool = True) -> str:
-    from psr.core.recipe import read_toml
-    from psr.core.schema import load_recipe
-    from psr.train.checkpoint import load_tensors
-    from psr.train.export import apply_adapter, load_trainable
-
-    kind = read_toml(folder / "recipe.toml").get("command")
+    recipe = read_toml(folder / "recipe.toml")
+    kind = recipe.get("command")
     if kind not in ("pretrain", "rl"):
         raise UserError(f"{where}: a checkpoint of `psr {kind}`; give a pretrain or rl checkpoint")
-    adapter = load_recipe(kind, str(folder / "recipe.toml")).adapter
+    # Only the adapter table matters here; an rl recipe's adapter defaults to LoRA.
+    table = dict(recipe.get("adapter", {}))
+    if kind == "rl":
+        table.setdefault("kind", "lora")
+    adapter = build(AdapterConfig, table, "adapter")
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file()
                         else "trainable.safetensors")
     tensors = load_tensors(weights)
@@ -57,8 +70,6 @@ def _from_checkpoint(transformer, folder: Path, where: str, use_ema: bool = True
     if adapter.kind == "moe_lora":
         raise UserError(f"{where}: MoE-LoRA experts cannot be merged into the base weights; give a LoRA or a "
                         "full fine-tune")
-    from psr.core.lora import merge_lora
-
     dtype = transformer.dtype
     named = apply_adapter(transformer, adapter)
     load_trainable(named, tensors, str(folder))
@@ -73,9 +84,6 @@ def _from_checkpoint(transformer, folder: Path, where: str, use_ema: bool = True
 def weights_kind(source: str, key: str = "model.weights") -> str:
     """What `source` holds ("lora file", "checkpoint", "full weights"), read from the file
     names only, so a wrong path fails before any model loads."""
-    from psr.train.checkpoint import STATE
-    from psr.train.export import LORA_FILE, MOE_FILE
-
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{key} {source}: no such file or folder")
@@ -96,8 +104,6 @@ def load_weights(transformer, source: str, key: str = "model.weights") -> str:
     """Load the trained weights named by the recipe key `key` (`model.weights`, or `init` of
     `psr rl`) into `transformer`, before any adapter is added; returns what was done, for
     the log. A LoRA is merged into the weights already there; full weights replace them."""
-    from psr.train.export import LORA_FILE
-
     kind = weights_kind(source, key)
     path, where = Path(source).expanduser(), f"{key} {source}"
     if kind == "full weights":
@@ -114,3 +120,14 @@ def load_weights(transformer, source: str, key: str = "model.weights") -> str:
     if not getattr(transformer, "peft_config", True):
         del transformer.peft_config  # merged away: the run's own adapter is the only one
     return note
+
+
+def load_model_components(config: ModelConfig) -> FluxComponents:
+    """The preset's components, with `model.weights` (trained weights) loaded into the
+    transformer when the recipe names them."""
+    if not config.weights:
+        return PRESETS[config.preset].load(config)
+    weights_kind(config.weights)  # a wrong path fails before the model loads
+    components = PRESETS[config.preset].load(config)
+    load_weights(components.transformer, config.weights)
+    return components
