@@ -26,8 +26,12 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
+# bench_core exits 1 when its numbers cannot be trusted (noise, a non-positive or constant
+# result); on a busy machine try BENCH_CORE_ARGS="--threads 1 --clock cpu".
+BENCH_CORE_ARGS ?=
+
 bench: $(STAMP)
-	$(PY) bench/bench_core.py
+	$(PY) bench/bench_core.py $(BENCH_CORE_ARGS)
 	OMP_NUM_THREADS=1 $(PY) bench/bench_toyworld.py
 	$(PY) bench/bench_synth.py
 	OMP_NUM_THREADS=1 $(PY) bench/bench_regularizers.py

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         # The embedded preset's model section, as every command loads one (weights included).
         config = resolve_model(ModelConfig(path=args.model, weights=args.weights, dtype="float32", device="cpu"))
         model = MultiRefFlux.from_config(config)
-        dataset = TrainRows(data, model.token_stride, model.reference_size, config.max_references)
+        dataset = TrainRows(data, model.token_stride, model.reference_size, config.max_references,
+                            model.reference_resize)
         picked = [i for i, row in enumerate(dataset.dataset.rows) if len(row["references"]) == args.subjects]
         rows = [dataset[i] for i in picked[:args.rows]]
         if len(rows) < 2:

@@ -326,10 +326,55 @@ def test_extra_rewards_are_reported_as_columns(bench, recipe, tmp_path, one_thre
         f'options = {{extractor = {extractor}, localizer = {localizer}}}\n'
         for name, label in (("hungarian", "mc"), ("psr", "psr"))))
     out = tmp_path / "out"
-    assert _eval(str(with_rewards), folder, out, "--score-only") == 0
+    assert _eval(str(with_rewards), folder, out, "--score-only", "--set", "protocol='psr'") == 0
     results = _results(out)
     means = results["subsets"]["Position"]["means"]
     assert {"reward:mc", "reward:psr"} <= set(means) and results["metrics"][-2:] == ["reward:mc", "reward:psr"]
-    # REWARDS["psr"] on the same components is psr eval's PSRBench-protocol consistency
+    # REWARDS["psr"] on the same components is psr eval's consistency under protocol "psr"
     # (one box per category here), computed by the rewards package itself.
     assert means["reward:psr"] == pytest.approx(means["cons_psrbench"], abs=1e-5)
+
+
+def test_the_psrbench_columns_follow_the_named_protocol_and_say_so(bench, recipe, tmp_path, one_thread):
+    folder = tmp_path / "plain"
+    _psrbench_schema_bench(bench, folder, lambda k, item: item["gt_target_path"])
+    runs = {}
+    for protocol in ("psrbench", "psr"):
+        out = tmp_path / protocol
+        assert _eval(recipe, folder, out, "--score-only", "--set", f"protocol='{protocol}'") == 0
+        runs[protocol] = _results(out)
+        assert runs[protocol]["protocol"] == protocol
+        assert f"protocol `{protocol}`" in (out / "results.md").read_text()
+    a, b = (runs[p]["subsets"]["Position"]["means"] for p in ("psrbench", "psr"))
+    # psr's own columns do not depend on the protocol.
+    assert a["cons_hungarian"] == b["cons_hungarian"] and a["pos_exact"] == b["pos_exact"]
+    assert {"cons_psrbench", "pos_psrbench"} <= set(a) & set(b)
+
+
+def test_psrbench_position_needs_a_phrase_of_its_list_in_the_instruction(bench, recipe, tmp_path, one_thread):
+    folder = tmp_path / "plain"
+    _psrbench_schema_bench(bench, folder, lambda k, item: item["gt_target_path"])
+    items = json.loads((folder / "Position.json").read_text())
+    for item in items:  # a relation PSRBench's list lacks: the item has no PSRBench position score
+        item["instruction"] = "the two creatures next to each other"
+    (folder / "Position.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    assert _eval(recipe, folder, out, "--score-only") == 0
+    means = _results(out)["subsets"]["Position"]["means"]
+    assert "pos_psrbench" not in means and "pos_exact" in means
+
+
+def test_clip_t_takes_the_architecture_as_name_as_the_docs_write_it(bench, recipe, tmp_path, one_thread):
+    folder = tmp_path / "plain"
+    _psrbench_schema_bench(bench, folder, lambda k, item: item["gt_target_path"])
+    out = tmp_path / "out"
+    assert _eval(recipe, folder, out, "--score-only", "--set", "clip_t.enabled=true",
+                 "--set", 'clip_t.options={name="ViT-B-32", tiny=true}') == 0
+    assert "clip_t" in _results(out)["subsets"]["Position"]["means"]
+
+
+def test_clip_t_with_name_and_arch_is_one_line(bench, recipe, tmp_path, capsys):
+    assert _eval(recipe, bench, tmp_path / "out", "--set", "clip_t.enabled=true",
+                 "--set", 'clip_t.options={name="ViT-B-32", arch="ViT-B-16", tiny=true}') == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "name or arch, not both" in err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psr.core.images import load_image, to_pil, to_tensor
+from psr.core.images import fit_size, kontext_size, load_image, postprocess, reference_fit_size, to_pil, to_tensor
 from psr.errors import UserError
 
 
@@ -102,3 +102,44 @@ def test_tensor_round_trip_is_exact(rgb_image):
     image = rgb_image(16, 8)
     back = to_pil(to_tensor(image))[0]
     assert np.array_equal(np.asarray(back), np.asarray(image))
+
+
+@pytest.mark.parametrize("size, multiple, expected", [
+    ((100, 100), 16, (1024, 1024)),  # square: Kontext's 1024 x 1024
+    ((300, 200), 16, (1248, 832)),  # 3:2 exactly
+    ((200, 300), 16, (832, 1248)),
+    # The ratio is read after flooring to the stride: 32 x 16 is 2.0 (1456 x 720), while
+    # 40 x 17 itself is 2.35 (1568 x 672).
+    ((40, 17), 16, (1456, 720)),
+    # The chosen resolution is floored too: 1104 x 944 is not a multiple of 32.
+    ((1104, 944), 32, (1088, 928)),
+    # Less than one stride tall (the pipeline divides by zero): the image's own ratio.
+    ((100, 10), 16, (1568, 672)),
+    ((10, 100), 16, (672, 1568)),  # less than one stride wide: ratio 0, the tallest entry
+])
+def test_kontext_resize_rule(size, multiple, expected):
+    assert kontext_size(*size, multiple) == expected
+    assert reference_fit_size(*size, "kontext", 512, multiple) == expected  # reference_size unused
+
+
+def test_longest_rule_is_fit_size_and_unknown_rules_are_refused():
+    assert reference_fit_size(300, 200, "longest", 64, 8) == fit_size(300, 200, 64, 8) == (64, 40)
+    with pytest.raises(ValueError, match="unknown reference resize rule 'nearest'"):
+        reference_fit_size(300, 200, "nearest", 64, 8)
+
+
+def test_postprocess_follows_diffusers_image_processor():
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = torch.linspace(-1.2, 1.2, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # past both ends: clamped
+    processor = VaeImageProcessor()
+    pt, arr, pil = (postprocess(pixels, kind) for kind in ("pt", "np", "pil"))
+    assert pt.shape == (2, 3, 4, 5) and pt.dtype == torch.float32 and pt.min() == 0 and pt.max() == 1
+    assert torch.equal(pt, processor.postprocess(pixels, output_type="pt"))
+    assert arr.shape == (2, 4, 5, 3) and arr.dtype == np.float32
+    assert np.array_equal(arr, processor.postprocess(pixels, output_type="np"))
+    theirs = processor.postprocess(pixels, output_type="pil")
+    assert [np.asarray(a).tolist() for a in pil] == [np.asarray(b).tolist() for b in theirs]
+    with pytest.raises(UserError, match=r"^output_type 'latent': must be one of 'pil', 'np', 'pt'$"):
+        postprocess(pixels, "latent")

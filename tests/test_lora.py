@@ -1,6 +1,7 @@
 """LoRA: targets, the diffusers file round trip, merging, reference-only LoRA, MoE-LoRA."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -95,26 +96,167 @@ def test_add_lora_starts_at_the_base_model_and_trains_only_lora(base, fresh):
         add_lora(fresh, rank=4)
 
 
-def test_saved_lora_loads_into_flux_pipeline_and_back(tiny_components, base, fresh, tmp_path):
+RANK, ALPHA = 4, 16  # alpha ≠ rank: a loader that drops the alpha is off by a factor of 4
+
+
+@pytest.fixture()
+def saved(base, tmp_path):
+    """(in-memory peft model, its output, the file save_lora wrote) for rank 4, alpha 16."""
+    tuned = copy.deepcopy(base)
+    add_lora(tuned, rank=RANK, alpha=ALPHA, targets=["attn", "proj_mlp"])
+    _randomize(tuned, names=("lora_A", "lora_B"))
+    expected = _run(tuned)
+    assert not torch.allclose(expected, _run(base), atol=1e-2)
+    return tuned, expected, save_lora(tuned, tmp_path / "pytorch_lora_weights.safetensors")
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_saved_lora_holds_the_scale_in_lora_b_and_alpha_equal_to_rank(saved):
+    from peft.utils import get_peft_model_state_dict
+
+    tuned, _, path = saved
+    meta, tensors = _read(path)
+    live = get_peft_model_state_dict(tuned)
+    assert set(tensors) == {f"transformer.{k}" for k in live}
+    for key, value in live.items():
+        factor = ALPHA / RANK if ".lora_B." in key else 1.0
+        assert torch.equal(tensors[f"transformer.{key}"], value * factor), key  # 4 is a power of two: exact
+    config = json.loads(meta["lora_adapter_metadata"])
+    assert config["transformer.r"] == config["transformer.lora_alpha"] == RANK
+    assert json.loads(meta["psr_lora"])["version"] == 2 and json.loads(meta["psr_lora"])["alpha"] == ALPHA
+    assert lora_state_dict_for_diffusers(tuned).keys() == tensors.keys()
+
+
+def _pipeline(components, base):
     from diffusers import FluxPipeline
 
-    add_lora(fresh, rank=4, alpha=2, targets=["attn", "proj_mlp"])  # alpha ≠ rank: the scale must survive
-    _randomize(fresh)
-    expected = _run(fresh)
-    assert not torch.allclose(expected, _run(base), atol=1e-3)
-    path = save_lora(fresh, tmp_path / "lora.safetensors")
-    keys = lora_state_dict_for_diffusers(fresh)
-    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    parts = components.as_dict()
+    parts["transformer"] = copy.deepcopy(base)
+    return FluxPipeline(**parts)
 
-    components = tiny_components.as_dict()
-    components["transformer"] = copy.deepcopy(base)
-    pipe = FluxPipeline(**components)
-    pipe.load_lora_weights(str(path))
-    assert torch.allclose(_run(pipe.transformer), expected, atol=1e-6)
 
+def _peft(base, path, from_metadata):
+    """What a peft user does with the file: strip the prefix, configure, inject, load."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    meta, tensors = _read(path)
+    state = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if from_metadata:
+        config = LoraConfig(**{k.removeprefix("transformer."): v
+                               for k, v in json.loads(meta["lora_adapter_metadata"]).items()})
+    else:
+        modules = sorted({k.split(".lora_")[0] for k in state})
+        config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=modules)
+    transformer = copy.deepcopy(base)
+    inject_adapter_in_model(config, transformer)
+    result = set_peft_model_state_dict(transformer, state)
+    assert not result.unexpected_keys
+    return transformer
+
+
+ENTRY_POINTS = ("pipeline file", "pipeline folder", "load_lora_adapter", "load_lora_adapter use_safetensors",
+                "peft alpha=rank", "peft metadata")
+
+
+def _load_through(entry, components, base, path):
+    """A fresh copy of `base` with the file loaded the way `entry` names."""
+    if entry.startswith("peft"):
+        return _peft(base, path, from_metadata=entry == "peft metadata")
+    if entry.startswith("pipeline"):
+        pipe = _pipeline(components, base)
+        if entry == "pipeline file":
+            pipe.load_lora_weights(str(path))
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        return pipe.transformer
+    transformer = copy.deepcopy(base)
+    extra = {"use_safetensors": True} if entry.endswith("use_safetensors") else {}
+    transformer.load_lora_adapter(str(path), prefix="transformer", **extra)
+    return transformer
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_saved_lora_loads_at_the_trained_strength_everywhere(tiny_components, base, saved, entry):
+    _, expected, path = saved
+    transformer = _load_through(entry, tiny_components, base, path)
+    assert torch.allclose(_run(transformer), expected, atol=1e-5)
+
+
+def test_psr_load_lora_restores_the_trained_settings_and_weights(base, saved):
+    from peft.utils import get_peft_model_state_dict
+
+    tuned, expected, path = saved
     again = copy.deepcopy(base)
     load_lora(again, path)
+    assert again._psr_lora_settings == tuned._psr_lora_settings  # alpha 16 again, not the file's 4
+    assert again.peft_config["default"].lora_alpha == ALPHA
+    assert all(torch.equal(v, get_peft_model_state_dict(tuned)[k]) for k, v in get_peft_model_state_dict(again).items())
     assert torch.equal(_run(again), expected)
+
+
+def test_a_scale_that_is_not_a_power_of_two_round_trips_within_one_rounding(base, tmp_path):
+    tuned = copy.deepcopy(base)
+    add_lora(tuned, rank=4, alpha=6, targets=["to_q"])
+    _randomize(tuned)
+    path = save_lora(tuned, tmp_path / "x.safetensors")
+    again = copy.deepcopy(base)
+    load_lora(again, path)
+    b = tuned.transformer_blocks[0].attn.to_q.lora_B["default"].weight
+    in_file = _read(path)[1]["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    assert torch.allclose(in_file, 1.5 * b, rtol=1e-6, atol=0)
+    b_again = again.transformer_blocks[0].attn.to_q.lora_B["default"].weight
+    assert torch.all((b - b_again).abs() <= torch.finfo(torch.float32).eps * b.abs())  # one rounding at most
+    assert again._psr_lora_settings["alpha"] == 6.0
+    assert torch.allclose(_run(again), _run(tuned), atol=1e-6)
+
+
+def _old_format_file(tuned, path):
+    """A file as save_lora wrote it before the scale moved into lora_B (version 1)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v
+              for k, v in tuned.peft_config["default"].to_dict().items()}
+    save_file({f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(tuned).items()}, str(path),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str),
+                        "psr_lora": json.dumps({"version": 1, **tuned._psr_lora_settings})})
+    return path
+
+
+def test_old_format_files_still_load_right_through_psr(base, saved, tmp_path):
+    from psr.core.weights import load_weights
+
+    tuned, expected, _ = saved
+    old = _old_format_file(tuned, tmp_path / "old.safetensors")
+    again = copy.deepcopy(base)
+    load_lora(again, old)
+    assert torch.equal(_run(again), expected)
+    merged = copy.deepcopy(base)
+    assert "merged" in load_weights(merged, str(old))
+    assert torch.allclose(_run(merged), expected, atol=1e-5)
+    # The reason for the new format: diffusers without use_safetensors ignores the metadata
+    # and reads an old file at alpha = rank, a quarter of the trained strength here.
+    plain = copy.deepcopy(base)
+    plain.load_lora_adapter(str(old), prefix="transformer")
+    assert plain.peft_config["default_0"].lora_alpha == RANK
+    assert not torch.allclose(_run(plain), expected, atol=1e-2)
+
+
+def test_unknown_file_versions_are_refused(base, saved, tmp_path):
+    from safetensors.torch import save_file
+
+    _, _, path = saved
+    meta, tensors = _read(path)
+    meta["psr_lora"] = json.dumps({**json.loads(meta["psr_lora"]), "version": 3})
+    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=meta)
+    with pytest.raises(UserError, match="format version 3, this psr reads versions 1 and 2"):
+        load_lora(copy.deepcopy(base), tmp_path / "v3.safetensors")
 
 
 def test_merge_lora_gives_a_plain_transformer_with_the_same_output(fresh):

@@ -42,6 +42,95 @@ def test_one_reference_frame_scheme_equals_kontext_pipeline(tiny_model, tiny_com
     assert np.abs(_pixels(ours) - _pixels(theirs)).max() <= 1
 
 
+def test_np_output_equals_flux_pipeline_np_output(tiny_model, tiny_components):
+    from diffusers import FluxPipeline
+
+    ours = tiny_model.generate("a red striped star creature", [], height=64, width=48, steps=4,
+                               guidance=3.5, seeds=[7, 8], output_type="np")
+    pipe = FluxPipeline(**tiny_components.as_dict())
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red striped star creature", height=64, width=48, num_inference_steps=4, guidance_scale=3.5,
+                  num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+                  max_sequence_length=32, output_type="np").images
+    assert isinstance(ours, np.ndarray) and ours.dtype == theirs.dtype == np.float32
+    assert ours.shape == theirs.shape == (2, 64, 48, 3)
+    assert ours.std() > 0.05  # a real image, not a constant both sides could agree on
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_output_types_agree(tiny_model):
+    from PIL import Image
+
+    kwargs = dict(height=32, width=48, steps=2, guidance=3.5, seeds=[3, 4])
+    pil = tiny_model.generate("x", [], **kwargs)
+    arr = tiny_model.generate("x", [], **kwargs, output_type="np")
+    pt = tiny_model.generate("x", [], **kwargs, output_type="pt")
+    assert len(pil) == 2 and all(isinstance(im, Image.Image) and im.size == (48, 32) for im in pil)
+    assert arr.shape == (2, 32, 48, 3) and arr.dtype == np.float32
+    assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, 32, 48) and pt.dtype == torch.float32
+    assert 0 <= arr.min() < arr.max() <= 1
+    # One float result in three layouts: the same numbers, and PIL rounds them to 8 bits.
+    assert np.array_equal(arr, pt.permute(0, 2, 3, 1).cpu().numpy())
+    for image, a in zip(pil, arr):
+        assert np.array_equal(np.asarray(image), (a * 255).round().astype(np.uint8))
+    assert not np.array_equal(arr[0], arr[1])  # one image per seed, in seed order
+
+
+def test_unknown_output_type_is_one_line_before_any_work(tiny_model, monkeypatch):
+    from psr.errors import UserError
+
+    monkeypatch.setattr(tiny_model, "encode_prompt", lambda *a: pytest.fail("work started"))
+    with pytest.raises(UserError) as err:
+        tiny_model.generate("x", [], height=32, width=32, steps=1, guidance=1.0, seeds=[0], output_type="latent")
+    assert str(err.value) == "output_type 'latent': must be one of 'pil', 'np', 'pt'"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _kontext_pipeline_input(components, image) -> torch.Tensor:
+    """The pixels FluxKontextPipeline's default preprocessing (auto-resize on) makes of
+    `image`: the pipeline runs until it hands them to `prepare_latents`."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(**components.as_dict())
+    seen = {}
+
+    def capture(image, *args, **kwargs):
+        seen["image"] = image
+        raise _Stop
+
+    pipe.prepare_latents = capture
+    with pytest.raises(_Stop):
+        pipe(image=image, prompt="x", height=64, width=64, num_inference_steps=1, max_sequence_length=32)
+    return seen["image"]
+
+
+@pytest.mark.parametrize("size", [(96, 96), (150, 100), (75, 37), (37, 75)])
+def test_kontext_rule_equals_kontext_pipeline_auto_resize(tiny_components, rgb_image, size):
+    from psr.core.images import to_tensor
+
+    image = rgb_image(*size, seed=sum(size))
+    model = MultiRefFlux(tiny_components, reference_size=64, max_sequence_length=32, reference_resize="kontext")
+    ours = to_tensor(model.prepare_reference(image))
+    theirs = _kontext_pipeline_input(tiny_components, image)
+    # (75, 37) and (37, 75) pick another resolution from their floored 72 x 32 than from
+    # their own ratio, so they check that the ratio is measured as the pipeline measures it.
+    assert ours.shape == theirs.shape
+    assert 0.9e6 <= ours.shape[2] * ours.shape[3] <= 1.1e6  # about 1 MP, whatever the input size
+    assert torch.equal(ours, theirs)  # same size, same Lanczos resize, same conversion
+    longest = MultiRefFlux(tiny_components, reference_size=64, max_sequence_length=32)
+    assert max(longest.prepare_reference(image).size) == 64  # the other rule is still there
+
+
+def test_unknown_reference_resize_rule_is_refused(tiny_components):
+    from psr.errors import UserError
+
+    with pytest.raises(UserError, match=r"^reference_resize 'nearest': must be one of 'kontext', 'longest'$"):
+        MultiRefFlux(tiny_components, reference_resize="nearest")
+
+
 def test_schedule_matches_scheduler_with_dynamic_shift(tiny_components):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -99,7 +188,7 @@ def test_same_seed_same_pixels_and_seed_per_image(tiny_model):
 def test_saved_tiny_model_loads_back_as_flux_dev_local_path(tiny_components, tmp_path):
     from psr.cli.recipes import load_recipe
     from psr.core.components import save_components
-    from psr.core.schema import resolve_generate
+    from psr.core.schema import resolve_generate, resolve_model
 
     save_components(tiny_components, tmp_path / "flux")
     recipe = resolve_generate(load_recipe("generate", overrides=[
@@ -112,6 +201,13 @@ def test_saved_tiny_model_loads_back_as_flux_dev_local_path(tiny_components, tmp
                           np.asarray(original.generate("hello", [], **kwargs)[0]))
     for name, p in tiny_components.transformer.state_dict().items():
         assert torch.equal(p, loaded.transformer.state_dict()[name]), name
+    assert loaded.reference_resize == "longest"
+    # The same folder under flux-kontext resizes references as Kontext's pipeline does,
+    # unless the recipe names the rule.
+    as_kontext = dataclasses.replace(recipe.model, preset="flux-kontext", reference_size=None, reference_resize=None)
+    assert MultiRefFlux.from_config(resolve_model(as_kontext)).reference_resize == "kontext"
+    as_longest = dataclasses.replace(as_kontext, reference_size=64, reference_resize="longest")
+    assert MultiRefFlux.from_config(resolve_model(as_longest)).reference_resize == "longest"
 
     # Saving what was loaded from a folder does not write that folder's path into the copy.
     save_components(loaded.components, tmp_path / "copy")

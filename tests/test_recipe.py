@@ -144,6 +144,52 @@ def test_resolve_fills_preset_defaults():
     assert explicit.sample.guidance == 0.0  # a falsy explicit value is kept, not replaced
 
 
+@pytest.mark.parametrize("preset, rule", [
+    ("flux-kontext", "kontext"), ("flux-dev", "longest"), ("tiny", "longest"), ("embedded", "longest")])
+def test_reference_resize_defaults_to_the_presets_rule(preset, rule):
+    recipe = load_recipe("generate", overrides=[f"model.preset={preset}", "model.path='/x'"])
+    assert recipe.model.reference_resize is None and recipe.model.resize_rule == rule
+    assert resolve_generate(recipe).model.reference_resize == rule  # written out resolved
+    other = {"kontext": "longest", "longest": "kontext"}[rule]
+    given = load_recipe("generate", overrides=[f"model.preset={preset}", f"model.reference_resize={other}"])
+    assert given.model.resize_rule == resolve_generate(given).model.reference_resize == other
+
+
+def test_bad_reference_resize_is_one_line(tmp_path, capsys):
+    from psr.cli import main
+    from psr.core.schema import ModelConfig
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe("generate", overrides=["model.reference_resize=nearest"])
+    assert str(err.value).startswith("model.reference_resize: must be one of 'kontext', 'longest', got 'nearest'")
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match=r"^reference_resize: must be one of 'kontext', 'longest', got 'Kontext'$"):
+        ModelConfig(reference_resize="Kontext")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('# psr generate --recipe r.toml "x"\ncommand = "generate"\n[model]\npreset = "flux-kontext"\n')
+    assert main(["validate", str(recipe), "--set", "model.reference_resize=longest"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(recipe), "--set", "model.reference_resize=1024"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["psr: error: model.reference_resize: must be one of 'kontext', 'longest', got 1024"]
+
+
+def test_a_reference_size_the_kontext_rule_would_ignore_is_refused():
+    import tomllib
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe("generate", overrides=["model.preset=flux-kontext", "model.reference_size=320"])
+    assert str(err.value).startswith("model.reference_size: preset 'flux-kontext' sizes references as "
+                                     "FluxKontextPipeline does") and "\n" not in str(err.value)
+    named = load_recipe("generate", overrides=["model.preset=flux-kontext", "model.reference_size=320",
+                                               "model.reference_resize=longest"])
+    assert resolve_generate(named).model.reference_size == 320
+    # Resolved (as written beside every output) the rule is named, so the recipe loads back.
+    resolved = resolve_generate(load_recipe("generate", overrides=["model.preset=flux-kontext", "model.path='/x'"]))
+    assert (resolved.model.reference_resize, resolved.model.reference_size) == ("kontext", 512)
+    assert build(GenerateRecipe, tomllib.loads(to_toml(resolved))) == resolved
+
+
 def test_every_shipped_recipe_validates_and_starts_with_its_launch_command():
     assert RECIPES, "recipes/ is empty"
     for path in RECIPES:

@@ -97,6 +97,19 @@ def test_align_hand_computed_and_masked_tokens():
     assert mosaic_align_loss(torch.zeros(1, 3, 2), batch, eps=1e-4).item() == pytest.approx(-math.log(1e-4))
 
 
+def test_align_adds_eps_as_mosaic_does_so_the_worst_tokens_keep_their_gradient():
+    # MOSAIC's -log(p + 1e-9): at p = 1e-8 the loss is -log(1.1e-8) and d/dp = -1/(p + eps);
+    # a clamp at 1e-6 would give -log(1e-6) and no gradient at all.
+    layout = TokenLayout(text_len=0, target_len=2, ref_lens=(1,))
+    batch = _batch(layout, [[0, 0]], correspondence=[[[0]]])
+    attn = torch.tensor([[[1e-8, 1.0 - 1e-8]]], dtype=torch.float64, requires_grad=True)
+    loss = mosaic_align_loss(attn, batch)
+    assert loss.item() == pytest.approx(-math.log(1e-8 + 1e-9), rel=1e-12)
+    loss.backward()
+    assert attn.grad[0, 0, 0].item() == pytest.approx(-1 / (1e-8 + 1e-9), rel=1e-9)
+    assert attn.grad[0, 0, 1].item() == 0.0
+
+
 # ---------------------------------------------------------------------- L_sep / JSD
 def test_jensen_shannon_known_values():
     p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])

@@ -11,9 +11,9 @@ import torch
 
 from psr.cli import main
 from psr.cli.recipes import load_recipe
-from psr.core.detect import Detection
 from psr.errors import RecipeError
 from psr.train import checkpoint as ckpt
+from doubles import MeanColour, WholeImage
 
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"
@@ -22,24 +22,6 @@ FAST = ["model.preset=tiny", "model.device=cpu", "rollout.group_size=2", "rollou
         "rollout.train_fraction=1.0", "train.steps=2", "train.lr=1e-2", "logging.every=1",
         "logging.tensorboard=false", "eval.every=0", "checkpoint.every=1", "adapter.rank=4"]
 TIMING = ("rollout_images_per_s", "update_steps_per_s", "reward_time_share", "pairs_per_s")
-
-
-class WholeImage:
-    """Localizer double: every query is found once, as the whole image."""
-
-    def detect(self, image, queries):
-        return [Detection((0.0, 0.0, float(image.width), float(image.height)), 1.0, q) for q in queries]
-
-
-class MeanColour:
-    """Extractor double: mean RGB minus grey, L2-normalised (rollouts differ, so rewards do)."""
-
-    def embed_images(self, images):
-        rows = [np.asarray(im.convert("RGB"), np.float64).reshape(-1, 3).mean(0) - 128.0 for im in images]
-        return torch.nn.functional.normalize(torch.tensor(np.stack(rows), dtype=torch.float32), dim=-1)
-
-    def embed_texts(self, texts):
-        raise NotImplementedError
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +144,12 @@ def test_recipe_rejects_bad_values_with_a_hint(overrides, message):
     assert message in str(err.value)
 
 
+def test_a_held_out_metric_that_is_a_training_reward_is_refused():
+    with pytest.raises(RecipeError, match=r"eval.metrics\[0\].*not held out"):
+        load_recipe("rl", str(RECIPES / "grpo-toy.toml"),
+                    ["eval.metrics=[{name='psr', extractor={name='toyworld'}, localizer={name='toyworld'}}]"])
+
+
 def test_every_rl_recipe_validates():
     for name in ("gspo", "grpo", "focusdpo", "gspo-toy", "grpo-toy", "focusdpo-toy"):
         path = RECIPES / f"{name}.toml"
@@ -212,12 +200,87 @@ def test_resume_continues_bit_identically(gspo_run, data, reward, tmp_path, monk
     assert _terms(gspo_run[0]) == _terms(tmp_path / "run")
 
 
+def test_resume_with_mini_batches_continues_bit_identically(data, reward, tmp_path, monkeypatch, one_thread):
+    # Shuffled mini-batches, micro-batches and GSPO's two passes (dropout draws in both).
+    from psr.workflows import rl
+
+    args = (GSPO[0], f"data.path={data['toy']!r}", *GSPO[1:], "policy.mini_batches=2", "train.micro_batch=1")
+    _run(args[0], tmp_path / "straight", *args[1:], reward=reward)
+    real = rl.save_checkpoint
+
+    def killed_after_first_checkpoint(run, step):
+        real(run, step)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rl, "save_checkpoint", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args[0], tmp_path / "run", *args[1:], reward=reward)
+    monkeypatch.setattr(rl, "save_checkpoint", real)
+    _run(args[0], tmp_path / "run", *args[1:], reward=reward, resume=True)
+    a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_000002")
+    b = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")
+    for key in ("trainable", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
+        assert int(s["step"]) == int(t["step"]) == 8  # 2 steps · 2 epochs · 2 mini-batches
+    assert _terms(tmp_path / "straight") == _terms(tmp_path / "run")
+    assert [e["optimizer_steps"] for e in _log(tmp_path / "run")] == [4.0, 4.0]
+
+
+def test_off_policy_mini_batches_tell_gspo_from_grpo(data, reward, tmp_path, one_thread):
+    # One rollout batch, no dropout. With one mini-batch the only optimizer step is on-policy:
+    # every ratio is 1 and GSPO's gradient is GRPO's. From a second mini-batch on the policy
+    # has moved: GRPO weighs each step by its own ratio and clip, GSPO by the trajectory's.
+    def final(objective, parts, *extra):
+        out = tmp_path / f"{objective}-{parts}-{len(extra)}"
+        _run("gspo-toy.toml", out, f"data.path={data['toy']!r}", f"objective={objective!r}", "train.steps=1",
+             f"policy.mini_batches={parts}", *extra, reward=reward)
+        weights = ckpt.load_checkpoint(out / "checkpoints" / "step_000001")["trainable"]
+        return torch.cat([weights[k].flatten() for k in sorted(weights)]), _log(out)[-1]
+
+    start = torch.cat([v.flatten() for _, v in sorted(_initial_lora(data, reward, tmp_path).items())])
+    (gspo, gspo_log), (grpo, grpo_log) = final("gspo", 1), final("grpo", 1)
+    assert gspo_log["optimizer_steps"] == grpo_log["optimizer_steps"] == 1
+    assert gspo_log["clip_fraction"] == grpo_log["clip_fraction"] == 0 and gspo_log["ratio_mean"] == 1
+    assert gspo_log["grad_norm"] == pytest.approx(grpo_log["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(gspo - start, grpo - start, rtol=1e-5, atol=1e-9)
+    (gspo, gspo_log), (grpo, grpo_log) = final("gspo", 4), final("grpo", 4)
+    assert gspo_log["optimizer_steps"] == grpo_log["optimizer_steps"] == 4
+    delta = (grpo - start).abs().max()
+    assert (gspo - grpo).abs().max() > 0.05 * delta > 0
+    assert gspo_log["ratio_mean"] != 1 and grpo_log["ratio_mean"] != 1
+
+    # Built to cross the bound: a large step and a clip range of 1e-5 (a hundred times the
+    # rounding of an on-policy ratio). The first of the 4 optimizer steps is on-policy and
+    # clips nothing; after it every ratio is far outside: 3/4 on average.
+    for objective in ("grpo", "gspo"):
+        _, log = final(objective, 4, "train.lr=0.05", "policy.clip_range=1e-5", "policy.clip_low=1e-5",
+                       "policy.clip_high=1e-5")
+        assert log["clip_fraction"] == 0.75, objective
+
+
+def _initial_lora(data, reward, tmp_path):
+    """The adapter a run starts from (train.seed decides its initialisation)."""
+    from psr.workflows import rl
+
+    recipe = load_recipe("rl", str(RECIPES / "gspo-toy.toml"),
+                         [*FAST, f"out={str(tmp_path / 'init')!r}", f"data.path={data['toy']!r}"])
+    run = rl.setup(recipe, resume=False, show_progress=False, rewards=reward)
+    try:
+        return {n: p.detach().clone() for n, p in run.named}
+    finally:
+        rl.cleanup(run)
+
+
 def test_grpo_on_a_bench_with_kl_and_held_out_eval(data, reward, tmp_path, one_thread):
     out = tmp_path / "run"
     _run("grpo-toy.toml", out, f"data.path={data['train-bench']!r}", "policy.kl_beta=0.5", "eval.every=2",
          f"eval.bench={data['eval-bench']!r}", "eval.limit=1", "eval.subsets=['Position']", "eval.steps=2",
          # The backward recomputes checkpointed blocks: it must see reference-only LoRA's token mask too.
-         "adapter.reference_only=true", "train.gradient_checkpointing=true", reward=reward)
+         "adapter.reference_only=true", "train.gradient_checkpointing=true",
+         # A held-out metric: scored on the eval images, never trained on.
+         "eval.metrics=[{name='aesthetic', label='held', options={allow_random_head=true, "
+         "extractor={name='clip', tiny=true}}}]", reward=reward)
     log = _log(out)
     train = [e for e in log if "loss" in e]
     evals = [e for e in log if "eval/reward" in e]
@@ -227,6 +290,8 @@ def test_grpo_on_a_bench_with_kl_and_held_out_eval(data, reward, tmp_path, one_t
     assert all(math.isfinite(e[k]) for e in train for k in ("loss", "policy_loss", "clip_fraction", "grad_norm"))
     assert train[0]["loss"] == pytest.approx(train[0]["policy_loss"], abs=1e-9)
     assert all(math.isfinite(e["eval/reward"]) and "eval/psr" in e for e in evals)
+    assert all(0.0 < e["eval/metric:held"] < 1.0 for e in evals)
+    assert "reward/held" not in train[0] and "eval/held" not in evals[0]   # not part of the reward
     assert (out / "eval" / "step_000002.png").is_file()
     from safetensors.torch import load_file
 
@@ -335,3 +400,70 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys):
         assert main([*base, "--out", str(tmp_path / name), *args]) == 2, name
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (name, err)
+
+
+def test_self_ranked_pairs_weight_each_image_by_its_own_focus_map(data, tiny_components, monkeypatch, one_thread):
+    # The winner and the loser come from different noise, so their subjects sit in different
+    # places; each error is weighted by the map of its own image.
+    from psr.core.model import MultiRefFlux
+    from psr.rewards.base import RewardResult
+    from psr.rl import dpo
+    from psr.rl.config import DpoConfig, RolloutConfig
+    from psr.rl.focus import focus_weights
+    from psr.rl.policy import Policy
+    from psr.rl.sources import open_source
+
+    model = MultiRefFlux(tiny_components, reference_size=32, max_sequence_length=16)
+    policy = Policy(model, model.transformer)
+    item = open_source(data["train-bench"], (), 2).items[0]
+    rollout = RolloutConfig(group_size=3, steps=2, size=32, guidance=1.0)
+    cfg = DpoConfig(pairs="self-ranked", focus=True)
+
+    def by_brightness(batch):  # prefers the brightest image
+        return RewardResult(torch.tensor([float(np.asarray(im).mean()) for im in batch.images]))
+
+    pair, _ = dpo.self_ranked(policy, item, rollout, [11, 12, 13], by_brightness, cfg)
+    own_winner = dpo.focus_maps(policy, pair.cond, pair.x0[0], pair.winner, item, cfg)
+    assert torch.equal(pair.structure, own_winner[0]) and torch.equal(pair.detail, own_winner[1])
+    assert pair.structure_loser is not None and not torch.equal(pair.structure_loser, pair.structure)
+
+    seen = {}
+    real = dpo.diffusion_dpo_loss
+
+    def spy(*args, weights_w=None, weights_l=None, **kwargs):
+        seen.update(w=weights_w, l=weights_l)
+        return real(*args, weights_w=weights_w, weights_l=weights_l, **kwargs)
+
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", spy)
+    sigma, noise = 0.5, torch.randn(1, *pair.x0.shape[1:], generator=torch.Generator().manual_seed(0))
+    dpo.pair_loss(policy, pair, sigma, noise, cfg)
+    assert torch.equal(seen["w"], focus_weights(pair.structure, pair.detail, sigma, cfg.detail_on_below, cfg.floor))
+    assert torch.equal(seen["l"], focus_weights(pair.structure_loser, pair.detail_loser, sigma,
+                                                cfg.detail_on_below, cfg.floor))
+    assert not torch.equal(seen["w"], seen["l"])
+
+
+def test_one_step_in_cached_reference_mode_with_reference_only_lora(data, reward, tmp_path, monkeypatch, one_thread):
+    from psr.core import refstream
+
+    streams = []
+    real = refstream.reference_kv
+
+    def spy(*args, **kwargs):
+        kv = real(*args, **kwargs)
+        streams.append(torch.is_grad_enabled() and all(k.requires_grad for k, _ in kv.blocks.values()))
+        return kv
+
+    monkeypatch.setattr(refstream, "reference_kv", spy)
+    out = tmp_path / "run"
+    # Reference-only LoRA adapts the reference streams only; checkpointing recomputes them in backward.
+    _run(GSPO[0], out, f"data.path={data['toy']!r}", "model.reference_mode='cached'", "train.steps=1",
+         "adapter.reference_only=true", "train.gradient_checkpointing=true", reward=reward)
+    (entry,) = _log(out)
+    assert all(math.isfinite(entry[k]) for k in ("loss", "policy_loss", "grad_norm", "reward"))
+    assert entry["grad_norm"] > 0
+    assert False in streams and True in streams  # rollouts without grad, the update with it
+    trained = ckpt.load_checkpoint(out / "checkpoints" / "step_000001")["trainable"]
+    still = [k for k in trained if "lora_B" in k and not trained[k].abs().max() > 0]
+    # Only the last block's reference queries stay put: their output feeds no later block.
+    assert still == ["single_transformer_blocks.1.attn.to_q.lora_B.default.weight"]

@@ -12,9 +12,9 @@ from psr import toyworld as tw
 from psr.core.sampler import euler_sample, euler_step, flux_schedule
 from psr.rl.advantages import group_advantages
 from psr.rl.focus import detail_map, focus_weights, structure_map
-from psr.rl.losses import OBJECTIVES, diffusion_dpo_loss, grpo_loss, gspo_loss
+from psr.rl.losses import OBJECTIVES, diffusion_dpo_loss, grpo_loss, gspo_log_prob_weights, gspo_loss
 from psr.rl.pairs import disrupted_pair
-from psr.rl.sde import closed_form_kl, sde_sample, sde_step
+from psr.rl.sde import closed_form_kl, sde_sample, sde_step, step_kl
 
 # FLUX.1's scheduler settings (dynamic shift), so schedules here look like real ones.
 FLUX_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
@@ -221,6 +221,34 @@ def test_closed_form_kl_known_answers():
     assert torch.equal(closed_form_kl(other, mean, torch.tensor([0.0, 0.4]))[0], torch.tensor(0.0))
 
 
+# σ = 0.5 → σ' = 0.25, a = 0.7: std_dev_t = sqrt(0.5/0.5)·0.7 = 0.7, dt = −0.25, so the
+# transition std is 0.7·sqrt(0.25) = 0.35. The two means differ by 0.1 in every dim (0.2 in
+# item 1's), so ‖Δ‖² averaged over dims is 0.01 (0.04):
+#   exact      0.01 / (2·0.35²) = 0.0408163   0.04 / (2·0.35²) = 0.1632653
+#   flow_grpo  0.01 / (2·0.7²)  = 0.0102041   0.04 / (2·0.7²)  = 0.0408163   (= exact·|dt|)
+# At σ = 1 → σ' = 0.9 (the σ = 1 rule): std_dev_t² = 1/(1 − 0.9)·0.49 = 4.9, transition std² =
+# 4.9·0.1 = 0.49; Δ = 0.1: exact 0.01/0.98 = 0.0102041, flow_grpo 0.01/9.8 = 0.00102041.
+@pytest.mark.parametrize("sigma, sigma_next, exact, flow_grpo", [
+    (0.5, 0.25, [0.01 / 0.245, 0.04 / 0.245], [0.01 / 0.98, 0.04 / 0.98]),
+    (1.0, 0.9, [0.01 / 0.98, 0.04 / 0.98], [0.01 / 9.8, 0.04 / 9.8]),
+])
+def test_step_kl_known_answers_in_both_conventions(sigma, sigma_next, exact, flow_grpo):
+    x, v = torch.zeros(2, 4, 2), torch.zeros(2, 4, 2)
+    step = sde_step(x, v, sigma, sigma_next, 0.7, prev_sample=torch.zeros(2, 4, 2))
+    ref_mean = step.mean - torch.tensor([0.1, 0.2]).view(2, 1, 1)
+    torch.testing.assert_close(step_kl(step, ref_mean, "exact"), torch.tensor(exact))
+    torch.testing.assert_close(step_kl(step, ref_mean, "flow_grpo"), torch.tensor(flow_grpo))
+    torch.testing.assert_close(step_kl(step, ref_mean), torch.tensor(flow_grpo))  # the default
+    # Flow-GRPO's line: ((mean − mean_ref)²).mean(dims) / (2·std_dev_t²), std_dev_t without sqrt(−dt).
+    std_dev_t = math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma))) * 0.7
+    theirs = ((step.mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * std_dev_t**2)
+    torch.testing.assert_close(step_kl(step, ref_mean, "flow_grpo"), theirs)
+    torch.testing.assert_close(step_kl(step, ref_mean, "flow_grpo"),
+                               step_kl(step, ref_mean, "exact") * (sigma - sigma_next))
+    with pytest.raises(ValueError, match="convention"):
+        step_kl(step, ref_mean, "sum")
+
+
 # ----------------------------------------------------------------------------- advantages
 
 # rewards [1, 2, 3 | 5, 5, 5], groups of 3:
@@ -333,6 +361,80 @@ def test_gspo_with_one_step_and_symmetric_clip_is_grpo():
     s = gspo_loss(new, old, adv, clip_low=0.05, clip_high=0.05)
     torch.testing.assert_close(g[0], s[0])
     assert g[1]["clip_fraction"] == s[1]["clip_fraction"]
+
+
+# Four trajectories, clip [1 − 0.2, 1 + 0.25], ratios s = 1.3, 0.7, 1.1, 0.7:
+#   b  A    s    clip(s)  s·A     clip(s)·A  min takes   gradient
+#   0  1    1.3  1.25     1.3     1.25       clipped     0
+#   1  1    0.7  0.8      0.7     0.8        s·A         yes (the pessimistic side)
+#   2  −1   1.1  1.1      −1.1    −1.1       tie         yes (inside the range)
+#   3  −1   0.7  0.8      −0.7    −0.8       clipped     0
+SEQ_RATIOS, SEQ_ADV = torch.tensor([1.3, 0.7, 1.1, 0.7], dtype=torch.float64), torch.tensor([1.0, 1.0, -1.0, -1.0])
+
+
+def test_gspo_log_prob_weights_are_autograds_gradient():
+    old = torch.randn(4, 3, dtype=torch.float64)
+    new = old + SEQ_RATIOS.log()[:, None] + torch.tensor([0.01, -0.02, 0.01], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, True], [True, True, True], [False, True, True]])
+    for m in (None, mask):
+        leaf = new.clone().requires_grad_(True)
+        gspo_loss(leaf, old, SEQ_ADV, clip_low=0.2, clip_high=0.25, mask=m)[0].backward()
+        weights = gspo_log_prob_weights(new, old, SEQ_ADV, clip_low=0.2, clip_high=0.25, mask=m)
+        torch.testing.assert_close(weights, leaf.grad, rtol=1e-12, atol=1e-15)
+        assert torch.equal(weights[[0, 3]], torch.zeros(2, 3)) and bool((weights[1:3].abs().sum(dim=1) > 0).all())
+    # Hand-worked, all steps trained: w_bj = −A_b·s_b/(T·B) = −A_b·s_b/12 on the active rows.
+    s = (new - old).mean(dim=1).exp()
+    weights = gspo_log_prob_weights(new, old, SEQ_ADV, clip_low=0.2, clip_high=0.25)
+    torch.testing.assert_close(weights[1], (-s[1] / 12).expand(3))
+    torch.testing.assert_close(weights[2], (s[2] / 12).expand(3))
+
+
+def _toy_log_probs(theta, x, x_next, steps):
+    """log-probs [B, len(steps)] of stored transitions under a policy whose velocity is
+    tanh(x·θ_j): each step its own little network, so the steps' gradients differ."""
+    sigmas = [1.0, 0.8, 0.55, 0.3, 0.0]
+    out = []
+    for j in steps:
+        v = torch.tanh(x[:, j] @ theta[j])
+        mean, std = _reference_step(x[:, j], v, sigmas[j], sigmas[j + 1], 0.7)
+        out.append(torch.distributions.Normal(mean, std).log_prob(x_next[:, j]).mean(dim=(1, 2)))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_gspo_step_by_step_backward_is_the_whole_graphs_gradient_float64(off_policy):
+    # GSPO's update backpropagates one denoising step at a time with Σ_b w_bj·log π_j and
+    # weights from a no-grad pass; the summed gradients must be autograd's over all steps.
+    g = torch.Generator().manual_seed(0)
+    steps = [0, 1, 3]
+    x = torch.randn(4, 4, 5, 3, generator=g, dtype=torch.float64)
+    x_next = x + 0.3 * torch.randn(4, 4, 5, 3, generator=g, dtype=torch.float64)
+    theta_old = 0.5 * torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        old = _toy_log_probs(theta_old, x, x_next, steps)
+    theta = theta_old + (0.02 * torch.randn(4, 3, 3, generator=g, dtype=torch.float64) if off_policy else 0)
+    with torch.no_grad():
+        current = _toy_log_probs(theta, x, x_next, steps)
+    s = (current - old).mean(dim=1).exp()
+    if off_policy:
+        # Rows 0, 1 clipped (the min takes the constant), rows 2, 3 on the pessimistic side.
+        bound = float((s - 1).abs().min()) / 2
+        adv = torch.sign(s - 1) * torch.tensor([1.0, 2.0, -1.0, -0.5], dtype=torch.float64)
+    else:
+        assert torch.equal(s, torch.ones(4, dtype=torch.float64))
+        bound, adv = 1e-4, torch.tensor([1.0, -2.0, 0.5, -0.5], dtype=torch.float64)
+
+    whole = theta.clone().requires_grad_(True)
+    gspo_loss(_toy_log_probs(whole, x, x_next, steps), old, adv, clip_low=bound, clip_high=bound)[0].backward()
+
+    stepwise = theta.clone().requires_grad_(True)
+    weights = gspo_log_prob_weights(current, old, adv, clip_low=bound, clip_high=bound)
+    for n, j in enumerate(steps):  # one step's graph at a time
+        (weights[:, n] * _toy_log_probs(stepwise, x, x_next, [j])[:, 0]).sum().backward()
+    torch.testing.assert_close(stepwise.grad, whole.grad, rtol=1e-12, atol=1e-15)
+    assert whole.grad[steps].abs().min(dim=-1).values.min() > 0 and whole.grad[2].abs().max() == 0
+    if off_policy:
+        assert torch.equal(weights[:2], torch.zeros(2, 3)) and bool((weights[2:] != 0).all())
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

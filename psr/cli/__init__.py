@@ -219,6 +219,29 @@ def rl(
         print(summary["final"])
 
 
+@app.command()
+def plan(
+    recipe: Annotated[str, typer.Argument(help="A pretrain or rl recipe (TOML).")],
+    processes: Annotated[int, typer.Option("--processes", "-p", help="Training processes (one per GPU).")] = 1,
+    strategy: Annotated[str, typer.Option(help="ddp (every process holds everything) or fsdp (FULL_SHARD).")] = "ddp",
+    size: Annotated[Optional[int], typer.Option(
+        help="Target side in pixels (default: rollout.size for rl, the preset's size for pretrain).")] = None,
+    references: Annotated[Optional[int], typer.Option(
+        help="References per row (default: data.max_references).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    set_: SetOpt = None,
+):
+    """Memory per GPU of a pretrain or rl recipe at full size, without loading any weights."""
+    from psr.train.plan import format_plan, memory_plan
+
+    kind = read_toml(recipe).get("command")
+    if kind not in ("pretrain", "rl"):
+        raise UserError(f"{recipe}: command: psr plan reads pretrain and rl recipes, got {kind!r}")
+    result = memory_plan(load_recipe(kind, recipe, set_ or []), processes=processes, strategy=strategy, size=size,
+                         references=references, source_name=recipe)
+    print(json.dumps(result.to_json(), indent=2) if as_json else format_plan(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
     try:

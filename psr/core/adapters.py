@@ -2,19 +2,21 @@
 files a trained adapter is saved in.
 
 `AdapterConfig` is the `adapter` section of `psr pretrain` and `psr rl` recipes;
-`apply_adapter` adds it to a transformer (or unfreezes everything for a full fine-tune).
+`apply_adapter` adds it to a transformer (or unfreezes everything for a full fine-tune);
+`adapters_disabled` switches the trained adapter off (RL's reference policy).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from psr.core.attention import check_block_names
-from psr.core.lora import add_lora
-from psr.core.moe_lora import MOE_TARGETS, add_moe_lora
+from psr.core.lora import ADAPTER, add_lora
+from psr.core.moe_lora import MOE_TARGETS, MoELoRA, add_moe_lora, has_frozen_adapters
 from psr.core.recipe import require as _require
 from psr.errors import RecipeError, UserError
 
@@ -24,7 +26,12 @@ MOE_FILE = "moe_lora.safetensors"
 
 def apply_adapter(transformer, cfg) -> list[tuple[str, torch.nn.Parameter]]:
     """Add the recipe's adapter (or unfreeze everything for a full fine-tune); return the
-    trainable (name, parameter) pairs, in a fixed order, upcast to float32."""
+    trainable (name, parameter) pairs, in a fixed order, upcast to float32. Adapters that
+    trained weights loaded frozen (psr.core.weights) stay frozen below it."""
+    if cfg.kind == "none" and has_frozen_adapters(transformer):
+        raise UserError("adapter.kind \"none\": a full fine-tune cannot train on top of trained weights kept as "
+                        "modules (a MoE-LoRA or reference-only LoRA in model.weights or init); train a LoRA on top "
+                        "(adapter.kind = \"lora\")")
     if cfg.kind == "none":
         transformer.requires_grad_(True)
     elif cfg.kind == "lora":
@@ -37,6 +44,42 @@ def apply_adapter(transformer, cfg) -> list[tuple[str, torch.nn.Parameter]]:
     for _, param in named:  # float32 master weights; autocast decides the compute dtype
         param.data = param.data.float()
     return named
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer):
+    """The network without its trained adapter for the `with` block: the peft adapter
+    `ADAPTER` is switched off (diffusers' `disable_adapters` when it is the only one, else
+    per layer) and MoE-LoRA modules that train return their base's output. Frozen adapters
+    (trained weights loaded below, `psr.core.moe_lora.freeze_adapters`) stay on, so this is
+    the network a run started from. Everything is switched back on afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = list(getattr(transformer, "peft_config", None) or {}) \
+        if getattr(transformer, "_hf_peft_config_loaded", False) else []
+    trainable = {id(p): p.requires_grad for p in transformer.parameters()}
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: mod.base(*args, **kwargs), with_kwargs=True)
+             for m in transformer.modules() if isinstance(m, MoELoRA) and not m.frozen]
+    whole = names == [ADAPTER]
+    layers = []
+    if whole:
+        transformer.disable_adapters()
+    elif ADAPTER in names:
+        for module in transformer.modules():
+            if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:
+                layers.append((module, list(module.active_adapters)))
+                module.set_adapter([a for a in module.active_adapters if a != ADAPTER])
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if whole:
+            transformer.enable_adapters()
+        for module, active in layers:
+            module.set_adapter(active)
+        for param in transformer.parameters():  # peft's switches also toggle requires_grad
+            param.requires_grad_(trainable[id(param)])
 
 
 def load_trainable(named: list[tuple[str, torch.nn.Parameter]], tensors: dict[str, torch.Tensor],

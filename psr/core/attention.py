@@ -216,7 +216,6 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 
         if attention_mask is not None:
@@ -246,15 +245,23 @@ class CaptureProcessor:
 
         self.capture._record(self.block, query, key)
 
-        out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text_out, image_out = out.split_with_sizes(
-            [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(text_out.contiguous())
+        return attend_and_project(self, attn, query, key, value, encoder_hidden_states)
+
+
+def attend_and_project(processor, attn, query, key, value, encoder_hidden_states):
+    """The tail `FluxAttnProcessor` ends with: attention through diffusers' dispatcher, then
+    the output projections, split back into (image, text) in a double-stream block."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=processor._attention_backend,
+                                parallel_config=processor._parallel_config)
+    out = out.flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out
+    text_out, image_out = out.split_with_sizes(
+        [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+    image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+    return image_out, attn.to_add_out(text_out.contiguous())
 
 
 # ---------------------------------------------------------------------- capture

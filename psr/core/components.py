@@ -51,6 +51,15 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX): without it torch emulates
+    bfloat16 matmuls by conversion, which is slower than float32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_device(name: str) -> "torch.device":
     """A torch device for a recipe's device string; "auto" takes cuda, then mps, then cpu."""
     import torch

@@ -239,6 +239,32 @@ class GroundingDinoLocalizer(HoldsModel):
                            label=queries[int(labels[i])]) for i in order]
         return found[: self.max_detections] if self.max_detections else found
 
+    def detect_psrbench(self, image: "Image.Image", caption: str) -> list[Detection]:
+        """Grounding DINO as PSRBench's scripts call it (the original repository's
+        `predict`): `caption` lower-cased and stripped with a period appended; a query is kept
+        when its highest probability over ALL caption tokens, the special tokens and the
+        period included, exceeds `threshold`; boxes in the decoder's query order, in pixels
+        of `image`, not clipped; no NMS, no sorting. `image` must be RGB (the caller decides
+        what a non-RGB image gets: the scripts' transform fails on one)."""
+        import torch
+
+        caption = caption.lower().strip()
+        caption = caption if caption.endswith(".") else caption + "."
+        inputs = self.processor(images=image, text=caption, return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
+                  for k, v in inputs.items()}
+        with torch.no_grad():
+            out = self.model(**inputs)
+        # Positions past the caption are -inf logits (probability 0), so the max over the
+        # whole row is the max over the caption's own tokens, specials included.
+        scores = out.logits[0].float().sigmoid().cpu().max(dim=1).values
+        cx, cy, w, h = out.pred_boxes[0].float().cpu().unbind(-1)
+        boxes = torch.stack([(cx - w / 2) * image.width, (cy - h / 2) * image.height,
+                             (cx + w / 2) * image.width, (cy + h / 2) * image.height], dim=-1)
+        return [Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), label=caption)
+                for i in range(len(scores)) if scores[i] > self.threshold]
+
     @staticmethod
     def _pixel_boxes(cxcywh: "torch.Tensor", width: int, height: int) -> "torch.Tensor":
         """Normalised (cx, cy, w, h) [Q, 4] → pixel (x0, y0, x1, y1), clipped to the image."""

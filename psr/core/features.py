@@ -69,13 +69,15 @@ def psr_preprocess(image: "Image.Image", resize: int = 256, crop: int = 224,
     """PSR's / DINO's evaluation transform: [3, crop, crop] float32.
 
     Shorter side → `resize` px (bicubic, longer side truncated as torchvision does),
-    center crop `crop`, scale to [0, 1], subtract `mean`, divide by `std` per channel.
+    center crop `crop`, to RGB, scale to [0, 1], subtract `mean`, divide by `std` per
+    channel. The RGB conversion comes after the crop, in PSRBench's order: the same for an
+    RGB image, and for an RGBA one the resize (premultiplied alpha in Pillow) sees the alpha.
     """
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    image = TF.resize(image.convert("RGB"), resize, interpolation=InterpolationMode.BICUBIC)
-    image = TF.center_crop(image, crop)
+    image = TF.resize(image, resize, interpolation=InterpolationMode.BICUBIC)
+    image = TF.center_crop(image, crop).convert("RGB")
     return TF.normalize(TF.to_tensor(image), list(mean), list(std))
 
 

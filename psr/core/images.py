@@ -4,9 +4,16 @@ Any image PIL reads is accepted, in any mode: EXIF orientation is applied; trans
 (RGBA, LA, palette with a transparent index) is flattened onto white; 16- and 32-bit
 grayscale is scaled to 8 bits; everything ends as 8-bit RGB.
 
-The resize rule (`fit_to_grid`): scale so the longer side equals `longest` pixels, keeping
-the aspect ratio, then round each side to the nearest multiple of `multiple` (the token
-stride: the VAE factor times 2), never below one stride; Lanczos resampling.
+Two resize rules bring a reference to the model's grid (`model.reference_resize`), both
+with Lanczos resampling:
+
+- "longest" (`fit_to_grid`): scale so the longer side equals `longest` pixels, keeping the
+  aspect ratio, then round each side to the nearest multiple of `multiple` (the token
+  stride: the VAE factor times 2), never below one stride.
+- "kontext" (`kontext_size`): the size diffusers' `FluxKontextPipeline` resizes its input
+  image to by default: of the resolutions FLUX.1 Kontext was trained at (about 1 MP each),
+  the one whose aspect ratio is nearest the image's, each side floored to a multiple of the
+  stride.
 """
 
 from __future__ import annotations
@@ -81,7 +88,51 @@ def fit_size(width: int, height: int, longest: int, multiple: int) -> tuple[int,
 
 
 def fit_to_grid(image: Image.Image, longest: int, multiple: int) -> Image.Image:
-    size = fit_size(image.width, image.height, longest, multiple)
+    return resize_to(image, fit_size(image.width, image.height, longest, multiple))
+
+
+RESIZE_RULES = ("kontext", "longest")
+"""The values of `model.reference_resize` (see the module docstring)."""
+
+
+def kontext_resolutions() -> list[tuple[int, int]]:
+    """(width, height) of the resolutions `FluxKontextPipeline` picks from, read from
+    diffusers itself so the rule follows the installed version."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    return [(int(w), int(h)) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
+
+
+def kontext_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The (width, height) `FluxKontextPipeline` resizes a width x height image to by default."""
+    # The pipeline measures the aspect ratio after its image processor has floored both sides
+    # to the stride, so a side's last few pixels do not count.
+    w, h = (side - side % multiple for side in (width, height))
+    # An image less than one stride tall would divide by zero there; its own ratio stands in.
+    ratio = w / h if h else width / height
+    # Ties go to the narrower resolution, as the pipeline's min over (error, w, h) decides.
+    _, w, h = min((abs(ratio - rw / rh), rw, rh) for rw, rh in kontext_resolutions())
+    return w // multiple * multiple, h // multiple * multiple
+
+
+def reference_fit_size(width: int, height: int, rule: str, longest: int, multiple: int) -> tuple[int, int]:
+    """The (width, height) a reference is resized to under `rule` (`RESIZE_RULES`);
+    `longest` is `model.reference_size`, which only the "longest" rule reads."""
+    if rule == "longest":
+        return fit_size(width, height, longest, multiple)
+    if rule == "kontext":
+        return kontext_size(width, height, multiple)
+    raise ValueError(f"unknown reference resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES)}")
+
+
+def fit_reference(image: Image.Image, rule: str, longest: int, multiple: int) -> Image.Image:
+    """`image` resized under `rule` (`reference_fit_size`)."""
+    return resize_to(image, reference_fit_size(image.width, image.height, rule, longest, multiple))
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Lanczos resize to (width, height): the call diffusers' `VaeImageProcessor.resize` makes
+    with its default config (lanczos, no reducing gap), so both give the same pixels."""
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
@@ -93,10 +144,40 @@ def to_tensor(image: Image.Image):
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+OUTPUT_TYPES = ("pil", "np", "pt")
+"""What `MultiRefFlux.generate` can return (diffusers' `output_type` values, less "latent")."""
+
+
+def to_unit(images):
+    """Float tensor [B, 3, H, W] in [-1, 1] → float32 tensor [B, 3, H, W] in [0, 1], on the
+    same device: diffusers' `VaeImageProcessor.postprocess(output_type="pt")`, computed in
+    float32 whatever the VAE's dtype."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_numpy(images) -> np.ndarray:
+    """Float tensor [B, 3, H, W] in [-1, 1] → float32 array [B, H, W, 3] in [0, 1], as
+    `VaeImageProcessor.postprocess(output_type="np")` returns."""
+    return to_unit(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_pil(images) -> list[Image.Image]:
     """Float tensor [B, 3, H, W] in [-1, 1] → list of 8-bit RGB PIL images.
 
     Rounds exactly as diffusers' `VaeImageProcessor` does (x/2 + 0.5, clamp, ·255, round).
     """
-    arrays = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in to_numpy(images)]
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"output_type {output_type!r}: must be one of {', '.join(map(repr, OUTPUT_TYPES))}")
+
+
+def postprocess(images, output_type: str = "pil"):
+    """Decoded pixels [B, 3, H, W] in [-1, 1] → `output_type`: "pil" (list of 8-bit RGB
+    images), "np" (`to_numpy`) or "pt" (`to_unit`)."""
+    check_output_type(output_type)
+    if output_type == "pt":
+        return to_unit(images)
+    return to_numpy(images) if output_type == "np" else to_pil(images)

@@ -5,23 +5,33 @@ as `encoder_hidden_states`; each reference is VAE-encoded (distribution mode), n
 with the VAE's shift and scale, packed into 2x2 tokens exactly like the target, and
 appended after the target tokens. All tokens share one timestep embedding (Kontext's
 convention). The velocity is read from the target tokens only.
+
+That is the default `reference_mode` "joint". In "cached" mode references are modulated at
+timestep 0 and attend only to themselves, so their keys and values are computed once per
+prompt and reused on every step (`psr.core.refstream`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from psr.core import images as imgs
-from psr.core.components import FluxComponents, resolve_device
+from psr.core.attention import TokenLayout
+from psr.core.components import FluxComponents, cpu_has_bfloat16, resolve_device
+from psr.core.lora import lora_token_mask
 from psr.core.packing import pack, unpack
 from psr.core.positions import grid_ids, reference_ids
+from psr.core.refstream import ReferenceKV, cached_references, reference_kv
+from psr.core.schema import REFERENCE_MODES
 from psr.core.sampler import euler_sample, flux_schedule
-from psr.core.weights import load_model_components
+from psr.core.weights import load_model_components, trained_reference_mode
 from psr.errors import UserError
 
 
@@ -81,22 +91,58 @@ class Guidance:
         return 2 if self.text == 1.0 and self.embedded is not None else 3
 
 
+class ReferenceCache:
+    """Cached mode's reference keys and values, one set per (prompt, references) pair met,
+    computed on first use: within one sampling run the pooled prompt and the guidance value,
+    the only other inputs of a reference's stream, are fixed, so each guidance branch's set
+    serves every step."""
+
+    def __init__(self, model: "MultiRefFlux"):
+        self.model = model
+        self._entries: list[tuple[PromptEmbeds, References, ReferenceKV]] = []
+
+    def get(self, prompt: PromptEmbeds, references: References, guidance: torch.Tensor | None) -> ReferenceKV:
+        for seen_prompt, seen_refs, kv in self._entries:
+            if seen_prompt is prompt and seen_refs is references:
+                return kv
+        kv = self.model.reference_kv(references, prompt, guidance)
+        self._entries.append((prompt, references, kv))  # holding both keeps their ids unique
+        return kv
+
+
 class MultiRefFlux:
     """FLUX components plus the in-context reference sequence.
 
+    `reference_resize` names the rule that brings each reference to the token grid
+    (`psr.core.images.RESIZE_RULES`; `reference_size` is the "longest" rule's longer side).
     `cpu_offload` keeps every component on the CPU and moves each to `device` only while
     it runs (text encoders once per prompt, the VAE per encode/decode, the transformer for
-    the whole denoising loop).
+    the whole denoising loop). `reference_mode` is "joint" (every token attends to every
+    other, one timestep) or "cached" (`psr.core.refstream`). `autocast_dtype` runs every
+    transformer forward under `torch.autocast` to that dtype (bfloat16 on the CPU).
     """
 
     def __init__(self, components: FluxComponents, *, position_scheme: str = "frame",
                  reference_size: int = 64, max_sequence_length: int = 512,
-                 device: torch.device | str = "cpu", cpu_offload: bool = False):
+                 device: torch.device | str = "cpu", cpu_offload: bool = False,
+                 reference_resize: str = "longest", reference_mode: str = "joint",
+                 autocast_dtype: torch.dtype | None = None):
         from diffusers import FluxPipeline
 
+        if reference_resize not in imgs.RESIZE_RULES:
+            raise UserError(f"reference_resize {reference_resize!r}: must be one of "
+                            f"{', '.join(map(repr, imgs.RESIZE_RULES))}")
+        if reference_mode not in REFERENCE_MODES:
+            raise UserError(f"reference_mode {reference_mode!r}: must be one of "
+                            f"{', '.join(map(repr, REFERENCE_MODES))}")
+        self.reference_mode = reference_mode
+        self.autocast_dtype = autocast_dtype
+        self.notes: list[str] = []
+        """One-line remarks on how the recipe was applied (from_config), for the user to see."""
         self.components = components
         self.position_scheme = position_scheme
         self.reference_size = reference_size
+        self.reference_resize = reference_resize
         self.max_sequence_length = max_sequence_length
         self.device = torch.device(device)
         self.cpu_offload = cpu_offload
@@ -111,16 +157,41 @@ class MultiRefFlux:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config) -> "MultiRefFlux":
-        """Build from a resolved `ModelConfig` (preset loaded, device, attention backend)."""
+        """Build from a resolved `ModelConfig` (preset loaded, device, attention backend).
+
+        `dtype = "bfloat16"` on the CPU keeps float32 weights and runs the transformer under
+        bfloat16 autocast: matmuls and attention in bfloat16; weights, norms, softmax
+        statistics and the sampler in float32, so trained weights stay float32 and images stay
+        closer to float32 ones than with every weight cast (bench/bench_cached.py). The VAE and
+        the text encoders, which run once per image and prompt, stay float32. A CPU without
+        bfloat16 instructions (where torch would emulate them, slower than float32) runs float32
+        and says so in `notes`."""
         device = resolve_device(config.device)
+        autocast, notes = None, []
+        if device.type == "cpu" and config.dtype == "bfloat16":
+            if cpu_has_bfloat16():
+                autocast = torch.bfloat16
+            else:
+                notes.append("model.dtype bfloat16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
+                             "running float32")
+            config = dataclasses.replace(config, dtype="float32")
+        for source in (config.path, config.weights):
+            trained = trained_reference_mode(source)
+            if trained is not None and trained != config.reference_mode:
+                notes.append(f"{source} was trained with model.reference_mode = {trained!r}, this run uses "
+                             f"{config.reference_mode!r}; set model.reference_mode = {trained!r} to run it as trained")
         components = load_model_components(config)
         if config.attention_backend:
             try:
                 components.transformer.set_attention_backend(config.attention_backend)
             except (ValueError, RuntimeError, ImportError) as err:
                 raise UserError(f"model.attention_backend {config.attention_backend!r}: {err}") from None
-        return cls(components, position_scheme=config.position_scheme, reference_size=config.reference_size,
-                   max_sequence_length=config.max_sequence_length, device=device, cpu_offload=config.cpu_offload)
+        model = cls(components, position_scheme=config.position_scheme, reference_size=config.reference_size,
+                   max_sequence_length=config.max_sequence_length, device=device, cpu_offload=config.cpu_offload,
+                   reference_resize=config.resize_rule, reference_mode=config.reference_mode,
+                   autocast_dtype=autocast)
+        model.notes = notes
+        return model
 
     def _modules(self):
         c = self.components
@@ -166,6 +237,12 @@ class MultiRefFlux:
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The transformer's autocast (`autocast_dtype`), or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def check_size(self, height: int, width: int) -> None:
         for name, value in (("height", height), ("width", width)):
             if value % self.token_stride:
@@ -193,8 +270,8 @@ class MultiRefFlux:
         return self._vae_normalize(latents)
 
     def prepare_reference(self, image: Image.Image) -> Image.Image:
-        """Apply the documented resize rule (see `psr.core.images`)."""
-        return imgs.fit_to_grid(image, self.reference_size, self.token_stride)
+        """Apply the documented resize rule `self.reference_resize` (see `psr.core.images`)."""
+        return imgs.fit_reference(image, self.reference_resize, self.reference_size, self.token_stride)
 
     @torch.no_grad()
     def encode_references(self, images: Sequence[Image.Image], target_grid: tuple[int, int]) -> References:
@@ -231,19 +308,48 @@ class MultiRefFlux:
 
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, prompt: PromptEmbeds,
                  references: References, target_grid: tuple[int, int],
-                 guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted velocity for the target tokens: [B, L, C] like `latents`."""
+                 guidance: torch.Tensor | None = None, reference_kv: ReferenceKV | None = None) -> torch.Tensor:
+        """Predicted velocity for the target tokens: [B, L, C] like `latents`.
+
+        In cached mode `reference_kv` (from `reference_kv`, for this prompt and guidance) is
+        used as is; without it the references' stream is recomputed in this forward."""
         batch, length = latents.shape[:2]
         hidden = latents
         ids = grid_ids(*target_grid).to(latents.device)
-        if references.count:
+        extra = None
+        if references.count and reference_kv is not None and self.reference_mode == "cached":
+            extra = {"reference_kv": reference_kv}
+        elif references.count:
             hidden = torch.cat([latents, references.tokens.expand(batch, -1, -1)], dim=1)
             ids = torch.cat([ids, references.ids])
-        out = self.transformer(
-            hidden_states=hidden, timestep=timestep, guidance=guidance,
-            pooled_projections=prompt.pooled, encoder_hidden_states=prompt.embeds,
-            txt_ids=prompt.ids, img_ids=ids, return_dict=False)[0]
+        layout = TokenLayout.for_velocity(prompt.embeds.shape[1], target_grid, references.grids)
+        context = contextlib.nullcontext()
+        if self.reference_mode == "cached":
+            context = cached_references(self.transformer, layout)
+        # Reference-only LoRA (e.g. loaded by model.weights) adapts reference tokens only; a no-op
+        # without one. In cached mode each stream sets its own mask; this one serves a forward
+        # without references.
+        mask = lora_token_mask(self.transformer, layout.reference_mask().to(latents.device))
+        with mask, context, self.autocast():
+            out = self.transformer(
+                hidden_states=hidden, timestep=timestep, guidance=guidance,
+                pooled_projections=prompt.pooled, encoder_hidden_states=prompt.embeds,
+                txt_ids=prompt.ids, img_ids=ids, joint_attention_kwargs=extra, return_dict=False)[0]
         return out[:, :length]
+
+    def reference_kv(self, references: References, prompt: PromptEmbeds,
+                     guidance: torch.Tensor | None = None) -> ReferenceKV:
+        """Cached mode: every block's keys and values of `references` for this prompt and
+        guidance value (the references' stream at timestep 0, `psr.core.refstream`)."""
+        pooled = prompt.pooled
+        same = torch.equal(pooled, pooled[:1].expand_as(pooled)) and (
+            guidance is None or torch.equal(guidance, guidance[:1].expand_as(guidance)))
+        rows = 1 if same else pooled.shape[0]  # one prompt over the batch: one row serves every image
+        with self.autocast():
+            return reference_kv(self.transformer, references.tokens.expand(rows, -1, -1), references.ids,
+                                [h * w for h, w in references.grids], pooled=pooled[:rows],
+                                guidance=None if guidance is None else guidance[:rows],
+                                text=prompt.embeds[:rows], txt_ids=prompt.ids)
 
     def no_references(self) -> References:
         """The empty reference set (the unconditional branch of image guidance)."""
@@ -254,7 +360,7 @@ class MultiRefFlux:
                         references: References, target_grid: tuple[int, int], guidance: Guidance,
                         null_prompt: PromptEmbeds | None = None,
                         branch: Callable[[References], contextlib.AbstractContextManager] | None = None,
-                        ) -> torch.Tensor:
+                        cache: ReferenceCache | None = None) -> torch.Tensor:
         """The velocity under `guidance`: InstructPix2Pix's two-scale classifier-free guidance
 
             v = v(∅, ∅) + s_image·(v(∅, R) − v(∅, ∅)) + s_text·(v(T, R) − v(∅, R))
@@ -263,7 +369,8 @@ class MultiRefFlux:
         references (∅: none), the conditioning dropouts psr trains with. A guidance-distilled
         model has no text branch: v = v(T, ∅) + s_image·(v(T, R) − v(T, ∅)). Scales of 1 drop
         their branches, so with both at 1 this is exactly `velocity`. `branch(refs)` wraps each
-        forward (e.g. a LoRA token mask for that branch's layout)."""
+        forward (e.g. a LoRA token mask for that branch's layout). In cached mode `cache` keeps
+        each branch's reference keys and values across calls (None: recompute them each call)."""
         batch = latents.shape[0]
         g = None
         if guidance.embedded is not None:
@@ -276,7 +383,10 @@ class MultiRefFlux:
 
         def v(text, refs):
             with branch(refs):
-                return self.velocity(latents, timestep, text, refs, target_grid, g).float()
+                kv = None
+                if cache is not None and refs.count and self.reference_mode == "cached":
+                    kv = cache.get(text, refs, g)
+                return self.velocity(latents, timestep, text, refs, target_grid, g, kv).float()
 
         full = v(prompt, references)
         if not text_cfg and not image_cfg:
@@ -300,12 +410,19 @@ class MultiRefFlux:
     @torch.no_grad()
     def generate(self, prompt: str, references: Sequence[Image.Image], *, height: int, width: int,
                  steps: int, guidance: float, seeds: Sequence[int], image_guidance: float = 1.0,
-                 progress: Callable[[], None] | None = None) -> list[Image.Image]:
+                 progress: Callable[[], None] | None = None, output_type: str = "pil",
+                 reuse_references: bool = True) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """One image per seed for `prompt` conditioned on `references` (PIL, any size).
 
         `guidance` is the guidance-embedding value of a guidance-distilled model, else the
         classifier-free guidance scale over the prompt; `image_guidance` is the CFG scale over
-        the references (see `guided_velocity`)."""
+        the references (see `guided_velocity`). `output_type` follows diffusers' pipelines:
+        "pil" a list of 8-bit RGB images, "np" a float32 array [N, H, W, 3] in [0, 1], "pt" a
+        float32 tensor [N, 3, H, W] in [0, 1] on the model's device. In cached mode the
+        references' keys and values are computed once per guidance branch and reused on every
+        step; `reuse_references=False` recomputes them at every step (the same numbers, as
+        training computes them)."""
+        imgs.check_output_type(output_type)  # before any work, so a typo costs nothing
         self.check_size(height, width)
         grid = (height // self.token_stride, width // self.token_stride)
         batch = len(seeds)
@@ -316,7 +433,9 @@ class MultiRefFlux:
         schedule = flux_schedule(self.components.scheduler.config, steps, grid[0] * grid[1])
         how = Guidance.for_model(self.transformer, guidance, image_guidance)
         null = self.null_prompt(batch) if how.needs_null_prompt else None
+        cache = ReferenceCache(self) if reuse_references else None
         with self._on_device(self.transformer):
             latents = euler_sample(
-                lambda x, t: self.guided_velocity(x, t, text, refs, grid, how, null), latents, schedule, progress)
-        return imgs.to_pil(self.decode(latents, height, width))
+                lambda x, t: self.guided_velocity(x, t, text, refs, grid, how, null, cache=cache), latents, schedule,
+                progress)
+        return imgs.postprocess(self.decode(latents, height, width), output_type)

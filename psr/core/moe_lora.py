@@ -29,6 +29,12 @@ File (`save_moe_lora`): safetensors with tensors `<module>.router.weight` [K, in
 `<module>.router.bias` [K], `<module>.lora_A` [K, rank, in], `<module>.lora_B` [K, out, rank]
 and metadata `psr_moe_lora` = JSON {"version": 1, "experts", "top_k", "rank", "alpha",
 "modules"}. Routed experts cannot be merged into weights.
+
+Frozen adapters (`freeze_adapters`): trained weights loaded as modules (`model.weights` or
+`init` that stay unmerged, psr.core.weights) are part of the network a later adapter trains
+on: `mark_adapters_trainable` leaves them frozen, their MoE modules add no load-balancing
+term, and switching the trained adapter off (`psr.core.adapters.adapters_disabled`) keeps
+them on.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class MoELoRA(nn.Module):
         for e in range(experts):  # peft's LoRA A init, per expert
             nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
         self._sink = sink
+        self.frozen = False
+        """Loaded below a trained adapter (`freeze_adapters`): never trained, no aux term."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
@@ -99,7 +107,8 @@ class MoELoRA(nn.Module):
         # Computed on every forward so a checkpointed recomputation saves the same tensors as
         # the first pass; recorded only outside backward, where it would count twice.
         balance = load_balance_loss(probs, top_i)
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        # A frozen module's term would train nothing and pile up (nobody reads it).
+        if not self.frozen and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             self._sink.terms.append(balance)
         return y + (self.scaling * delta).to(y.dtype)
 
@@ -137,15 +146,59 @@ def resolve_moe_targets(transformer, blocks: Sequence[str] = ("all",),
     return names
 
 
+FROZEN_ATTR = "_psr_frozen_adapters"
+"""Transformer attribute: the names of the peft adapters that `freeze_adapters` froze."""
+
+
+def _frozen_prefixes(transformer) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, m in transformer.named_modules() if isinstance(m, MoELoRA) and m.frozen)
+
+
+def _peft_adapter_of(name: str) -> str | None:
+    """The peft adapter a parameter belongs to (`<module>.lora_A.<adapter>.weight`); None
+    for MoE-LoRA's own tensors (`<module>.lora_A`) and everything else."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-2]):
+        if part in ("lora_A", "lora_B"):
+            return parts[i + 1]
+    return None
+
+
 def mark_adapters_trainable(transformer) -> list[torch.nn.Parameter]:
-    """Freeze every parameter except LoRA and MoE-LoRA ones; returns the trainable ones."""
+    """Freeze every parameter except LoRA and MoE-LoRA ones, and those of frozen adapters
+    (`freeze_adapters`); returns the trainable ones."""
     transformer.requires_grad_(False)
+    frozen_names = getattr(transformer, FROZEN_ATTR, set())
+    frozen_modules = _frozen_prefixes(transformer)
     trainable = []
     for name, param in transformer.named_parameters():
-        if ".lora_A" in name or ".lora_B" in name or ".router." in name:
-            param.requires_grad_(True)
-            trainable.append(param)
+        if not (".lora_A" in name or ".lora_B" in name or ".router." in name):
+            continue
+        if _peft_adapter_of(name) in frozen_names or name.startswith(frozen_modules):
+            continue
+        param.requires_grad_(True)
+        trainable.append(param)
     return trainable
+
+
+def freeze_adapters(transformer) -> None:
+    """Make every adapter now in `transformer` (peft LoRA adapters and MoE-LoRA modules) a
+    frozen part of the network (module docstring)."""
+    for module in transformer.modules():
+        if isinstance(module, MoELoRA):
+            module.frozen = True
+    names = set(getattr(transformer, "peft_config", None) or {})
+    setattr(transformer, FROZEN_ATTR, getattr(transformer, FROZEN_ATTR, set()) | names)
+    mark_adapters_trainable(transformer)
+
+
+def frozen_adapter_names(transformer) -> set[str]:
+    """The peft adapters of `transformer` that `freeze_adapters` froze."""
+    return set(getattr(transformer, FROZEN_ATTR, set()))
+
+
+def has_frozen_adapters(transformer) -> bool:
+    return bool(frozen_adapter_names(transformer)) or bool(_frozen_prefixes(transformer))
 
 
 def add_moe_lora(transformer, experts: int = 4, top_k: int = 1, rank: int = 16, alpha: float | None = None, *,
@@ -155,6 +208,9 @@ def add_moe_lora(transformer, experts: int = 4, top_k: int = 1, rank: int = 16, 
     parameter and return the wrapped names."""
     if experts < 1:
         raise UserError(f"MoE-LoRA: experts {experts} must be ≥ 1")
+    if _frozen_prefixes(transformer):
+        raise UserError("MoE-LoRA: the trained weights loaded below already hold MoE-LoRA experts (kept frozen); "
+                        "train a LoRA on top of them (adapter.kind = \"lora\")")
     if _moe_modules(transformer):
         raise UserError("add_moe_lora: this transformer already has MoE-LoRA")
     names = list(modules) if modules is not None else resolve_moe_targets(transformer, blocks, targets)

@@ -40,6 +40,9 @@ class Preset:
     guidance_embeds: bool = True
     """Whether the preset's transformer has a guidance embedding; without one, `guidance` is a
     classifier-free guidance scale, which RL rollouts do not apply (their default is then 1)."""
+    reference_resize: str = "longest"
+    """Default rule that brings a reference to the grid (`psr.core.images.RESIZE_RULES`):
+    "kontext" where the checkpoint was trained on Kontext's resolutions."""
 
 
 def _load_pretrained(config: "ModelConfig") -> "FluxComponents":
@@ -73,9 +76,10 @@ PRESETS: Registry[Preset] = Registry("preset", {
         max_sequence_length=512, steps=28, guidance=3.5, token_stride=16,
     ),
     "flux-kontext": Preset(
-        description="FLUX.1 Kontext layout from model.path; frame position ids work unchanged",
+        description="FLUX.1 Kontext layout from model.path; frame position ids work unchanged, references sized as "
+                    "FluxKontextPipeline sizes its input",
         load=_load_pretrained, dtype="bfloat16", size=1024, reference_size=512,
-        max_sequence_length=512, steps=28, guidance=2.5, token_stride=16,
+        max_sequence_length=512, steps=28, guidance=2.5, token_stride=16, reference_resize="kontext",
     ),
 })
 

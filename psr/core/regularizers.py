@@ -133,8 +133,10 @@ def idar_loss(attn: torch.Tensor, batch: RegBatch, *, class_balanced: bool = Fal
     return torch.stack(per_sample).mean()
 
 
-def mosaic_align_loss(attn: torch.Tensor, batch: RegBatch, *, eps: float = 1e-6) -> torch.Tensor:
-    """L_align on a [B, R, T] "refs_to_target" map (see the module docstring)."""
+def mosaic_align_loss(attn: torch.Tensor, batch: RegBatch, *, eps: float = 1e-9) -> torch.Tensor:
+    """L_align on a [B, R, T] "refs_to_target" map (see the module docstring): the mean of
+    -log(p + eps), MOSAIC's form. Adding eps (not clamping p at it) keeps the gradient of the
+    worst-aligned tokens, which a clamp would cut exactly where the loss matters most."""
     if batch.layout.num_refs == 0:
         return _zero(attn)
     valid = batch.ref_valid.to(attn.device)
@@ -144,7 +146,7 @@ def mosaic_align_loss(attn: torch.Tensor, batch: RegBatch, *, eps: float = 1e-6)
     if not keep.any():
         return _zero(attn)
     picked = attn.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)                   # [B, R]
-    return -picked[keep].clamp(min=eps).log().mean()
+    return -(picked[keep] + eps).log().mean()
 
 
 def jensen_shannon(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -195,7 +197,7 @@ class IDAR:
 class MosaicAlign:
     """MOSAIC's semantic-correspondence loss L_align."""
 
-    eps: float = 1e-6
+    eps: float = 1e-9
     needs: frozenset = frozenset({"refs_to_target"})
 
     def __call__(self, capture, batch, blocks=None):

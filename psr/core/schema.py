@@ -12,11 +12,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from psr.core.images import RESIZE_RULES
 from psr.core.presets import PRESETS
 from psr.core.recipe import _suggest
 from psr.core.recipe import require as _require
 
 DTYPES = ("float32", "bfloat16", "float16")
+REFERENCE_MODES = ("joint", "cached")
 
 
 @dataclass(frozen=True)
@@ -40,22 +42,49 @@ class ModelConfig:
     """diffusers attention backend for the transformer ('native', 'flash', '_native_cudnn', ...)."""
     position_scheme: Literal["frame", "diagonal"] = "frame"
     """'frame': FLUX.1 Kontext's ids (reference i at frame i+1); 'diagonal': UNO's offsets."""
+    reference_mode: Literal["joint", "cached"] = "joint"
+    """'joint': every token attends to every other and references share the target's
+    timestep; 'cached': references are modulated at timestep 0 and attend only to themselves,
+    so their keys and values are computed once per prompt and reused on every step
+    (psr.core.refstream). A model trained in one mode should generate in it."""
     reference_size: int | None = None
-    """Longer side of each reference in pixels after resizing; None takes the preset's."""
+    """Longer side of each reference in pixels after resizing under the "longest" rule; None
+    takes the preset's."""
+    reference_resize: Literal["kontext", "longest"] | None = None
+    """How a reference is brought to the token grid: 'kontext' resizes it as diffusers'
+    FluxKontextPipeline does by default (the Kontext training resolution of the nearest
+    aspect ratio, about 1 MP; `reference_size` is not used); 'longest' scales its longer side
+    to `reference_size`. None takes the preset's: 'kontext' for flux-kontext, else 'longest'
+    (set 'kontext' for Kontext weights loaded under another preset)."""
     max_references: int = 8
     max_sequence_length: int | None = None
     """T5 tokens per prompt; None takes the preset's."""
     init_seed: int = 0
     """Seed of the random initialisation of the `tiny` preset."""
 
+    @property
+    def resize_rule(self) -> str:
+        """`reference_resize`, or the preset's rule where it is None."""
+        return self.reference_resize or PRESETS[self.preset].reference_resize
+
     def __post_init__(self):
         _require(self.preset in PRESETS, "preset",
                  f"unknown preset {self.preset!r}{_suggest(self.preset, PRESETS)}; "
                  f"choose one of {', '.join(PRESETS)}")
+        _require(self.reference_mode in REFERENCE_MODES, "reference_mode",
+                 f"must be one of {', '.join(map(repr, REFERENCE_MODES))}, got {self.reference_mode!r}")
         _require(self.max_references >= 0, "max_references", "must be >= 0")
         _require(self.weights is None or bool(self.weights.strip()), "weights",
                  "must name a folder or file (or leave it out)")
         _require(self.reference_size is None or self.reference_size >= 16, "reference_size", "must be >= 16")
+        _require(self.reference_resize is None or self.reference_resize in RESIZE_RULES, "reference_resize",
+                 f"must be one of {', '.join(map(repr, RESIZE_RULES))}, got {self.reference_resize!r}")
+        # A size given for a preset whose rule does not read it would be ignored without a word;
+        # a recipe written out resolved names its rule, so it passes.
+        _require(self.reference_size is None or self.resize_rule != "kontext" or self.reference_resize is not None,
+                 "reference_size", f"preset {self.preset!r} sizes references as FluxKontextPipeline does "
+                 "(reference_resize = \"kontext\"), which does not read it; set reference_resize = \"longest\" "
+                 "to scale the longer side to it, or leave reference_size out")
         _require(self.max_sequence_length is None or self.max_sequence_length >= 1,
                  "max_sequence_length", "must be >= 1")
 
@@ -109,6 +138,7 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
         path=model.path or preset.default_path,
         dtype=model.dtype or preset.dtype,
         reference_size=model.reference_size or preset.reference_size,
+        reference_resize=model.reference_resize or preset.reference_resize,
         max_sequence_length=model.max_sequence_length or preset.max_sequence_length,
     )
 

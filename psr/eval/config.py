@@ -76,6 +76,14 @@ class EvalRecipe:
     """REWARDS['aesthetic'] on each output."""
     rewards: tuple[RewardMetric, ...] = ()
     """Extra registered rewards, each reported as a column."""
+    protocol: Literal["psrbench", "psr"] = "psrbench"
+    """How the `cons PSRBench` and `pos PSRBench` columns are computed. "psrbench": exactly as
+    PSRBench's scripts compute them (psr.eval.psrbench: first box in the detector's order,
+    truncated crops, the whole image when detection fails, the relation read from the
+    instruction). "psr": psr's corrected variant (NMS'd best-first boxes, clipped crops, a
+    missing subject scores 0, the k-th-box rule at every count, the relation from the
+    item's `position` key, a "next to" rule). `cons Hungarian` and `pos exact` are psr's
+    own under either."""
     identity_threshold: float = 0.5
     """ToyWorld identity accuracy: a matched subject counts only if its similarity to its own
     reference is at least this (cosine of the extractor's embeddings)."""
@@ -99,6 +107,8 @@ class EvalRecipe:
         _require(self.max_instances >= 1, "max_instances", "must be >= 1")
         _require(self.sheet_cell >= 16, "sheet_cell", "must be >= 16 pixels")
         clip = self.clip_t.options
+        _require(not ("name" in clip and "arch" in clip), "clip_t.options",
+                 "give the open_clip architecture once: name or arch, not both")
         _require(not self.clip_t.enabled or any(k in clip for k in ("path", "tiny", "config"))
                  or str(clip.get("name", "")).startswith("hf-hub:"), "clip_t.options",
                  'name the weights: path = "openai" (a pretrained tag), a checkpoint file or an open_clip '
@@ -124,6 +134,15 @@ class EvalRecipe:
                 RewardSpec(name="aesthetic", options=dict(self.aesthetic.options))
             except RecipeError as err:
                 raise RecipeError(f"aesthetic.{err.path}", err.message) from None
+
+
+def clip_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`[clip_t] options` as FEATURE_EXTRACTORS["clip"] takes them: the recipe's `name` (the
+    open_clip architecture, as docs/eval.md writes it) is the factory's `arch`."""
+    options = dict(options)
+    if "name" in options:
+        options["arch"] = options.pop("name")
+    return options
 
 
 def resolve_eval(recipe: EvalRecipe) -> EvalRecipe:

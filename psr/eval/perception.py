@@ -20,7 +20,9 @@ from psr.core.detect import build_localizer, crop_box
 from psr.core.features import build_feature_extractor
 from psr.core.images import load_image
 from psr.errors import UserError
+from psr.eval import psrbench
 from psr.eval.cache import DiskCache, component_key, text_hash
+from psr.eval.config import clip_options
 from psr.rewards import REWARDS, RewardBatch
 
 if TYPE_CHECKING:
@@ -36,10 +38,23 @@ class Picture:
     path: Path
     sha256: str
     image: "Image.Image"
+    _raw: "Image.Image | None" = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+    @property
+    def raw(self) -> "Image.Image":
+        """The file's pixels as stored: no EXIF rotation, no mode conversion (what PSRBench's
+        scripts see through `Image.open`)."""
+        if self._raw is None:
+            from PIL import Image
+
+            with Image.open(self.path) as opened:
+                opened.load()
+                self._raw = opened.copy()
+        return self._raw
 
 
 class UnreadableImage(Exception):
@@ -117,7 +132,7 @@ class Perception:
                 options = dict(self.recipe.localizer)
                 made = build_localizer(options.pop("name"), self._device(), **options)
             elif kind == "clip":
-                made = build_feature_extractor("clip", self._device(), **self.recipe.clip_t.options)
+                made = build_feature_extractor("clip", self._device(), **clip_options(self.recipe.clip_t.options))
             else:  # "reward:<name>:<options hash>"
 
                 name, options = self._reward_specs[kind]
@@ -145,6 +160,38 @@ class Perception:
             return _jsonable(localizer.analyze(pic.image))
 
         return self.cache.get_or_compute(self.localizer_key, pic.sha256, "analyze", compute)
+
+    def detect_psrbench(self, pic: Picture, category: str) -> list[dict]:
+        """The detections PSRBench's scripts get for `category` on the stored pixels, in their
+        order (psr.eval.psrbench). A non-RGB image gets none: the scripts' detector
+        transform fails on it and they use the whole image. A localizer without
+        `detect_psrbench` (ToyWorld's) gives its own `detect` order."""
+        raw = pic.raw
+        if raw.mode != "RGB":
+            return []
+
+        def compute():
+            localizer = self._component("localizer")
+            if hasattr(localizer, "detect_psrbench"):
+                found = localizer.detect_psrbench(raw, category)
+            else:
+                found = localizer.detect(raw, [category])
+            return [{"box": [float(v) for v in d.box], "score": float(d.score), "label": d.label} for d in found]
+
+        return self.cache.get_or_compute(self.localizer_key, pic.sha256, "psrbench-detect:" + category, compute)
+
+    def embed_psrbench(self, pic: Picture, box: Sequence[float] | None) -> np.ndarray:
+        """[D] embedding of PSRBench's crop of `box` from the stored pixels, or of the whole
+        stored image when there is no box or the crop is empty (psr.eval.psrbench.crop)."""
+        piece = psrbench.crop(pic.raw, box)
+        key = "psrbench-whole" if piece is None else "psrbench-crop:" + ",".join(
+            str(v) for v in psrbench.truncated_box(box))
+
+        def compute():
+            return [float(v) for v in self._component("extractor").embed_images(
+                [pic.raw if piece is None else piece])[0].tolist()]
+
+        return np.asarray(self.cache.get_or_compute(self.extractor_key, pic.sha256, key, compute), np.float32)
 
     # ------------------------------------------------------------------ extractor
     def embed(self, pic: Picture, boxes: Sequence[Sequence[float] | None]) -> np.ndarray:

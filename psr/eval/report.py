@@ -70,6 +70,14 @@ def _columns(results: dict) -> list[str]:
     return [m for m in results["metrics"] if m in seen]
 
 
+PROTOCOL_NOTES = {
+    "psrbench": "cons PSRBench, pos PSRBench: protocol `psrbench` (as PSRBench's scripts compute them). "
+                "cons Hungarian, pos exact: psr's.",
+    "psr": "cons PSRBench, pos PSRBench: protocol `psr` (psr's corrected variant of PSRBench's rules, "
+           "docs/eval.md). cons Hungarian, pos exact: psr's.",
+}
+
+
 def markdown_table(results: dict) -> str:
     columns = _columns(results)
     head = ["subset", "items", "samples", "failed"] + [LABELS.get(m, m) for m in columns]
@@ -128,6 +136,8 @@ def markdown(results: dict) -> str:
              "oracle": "ground-truth targets (oracle)",
              "reconstruct": "VAE reconstructions of the ground-truth targets"}[mode]
     lines = [f"# psr eval: {title}", "", f"bench: `{results['bench']}`", ""]
+    if protocol := results.get("protocol"):
+        lines += [PROTOCOL_NOTES[protocol], ""]
     lines += [markdown_table(results), ""]
     if comparison := results.get("compare"):
         lines += [f"## Gap: this run − `{comparison['other']}` ({comparison['mode']})", ""]

@@ -18,6 +18,7 @@ import numpy as np
 from psr import toyworld as tw
 from psr.core.detect import box_iou
 from psr.errors import UserError
+from psr.eval import psrbench
 from psr.eval.bench import Item
 from psr.eval.perception import Perception, Picture, UnreadableImage, open_picture
 from psr.rewards.leakage import leakage_margins, sample_margin
@@ -59,8 +60,15 @@ def applicable(item: Item, recipe: "EvalRecipe") -> list[str]:
     names = ["cons_psrbench", "cons_hungarian"]
     if len(item.categories) >= 2:
         names.append("leakage")
+    if recipe.protocol == "psrbench":
+        # PSRBench's position script reads the relation from the instruction and drops an
+        # item that names none of its phrases.
+        if len(item.categories) >= 2 and psrbench.relation_from_instruction(item.instruction) is not None:
+            names.append("pos_psrbench")
+    elif item.position is not None:
+        names.append("pos_psrbench")
     if item.position is not None:
-        names += ["pos_psrbench", "pos_exact"]
+        names.append("pos_exact")
     if gt is not None:
         names += ["id_acc", "count_ok"]
         if gt.get("relation") and len(item.categories) >= 2:
@@ -98,9 +106,10 @@ def instances_from(by_category: dict[str, list[dict]], limit: int) -> list[dict]
 
 
 def psrbench_boxes(categories: Sequence[str], by_category: dict[str, list[dict]]) -> list[list | None]:
-    """PSRBench's rule: subject i takes the k-th detection of its category, k = how many
-    earlier subjects share that category (so the first takes box 0, a second of the same
-    category box 1); None when there are not that many detections."""
+    """Protocol "psr": subject i takes the k-th best detection of its category, k = how many
+    earlier subjects share that category (the first takes box 0, a second of the same
+    category box 1, at any subject count: PSRBench's 2-subject rule made general); None
+    when there are not that many detections."""
     seen: Counter = Counter()
     boxes = []
     for category in categories:
@@ -123,12 +132,24 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
     ref_emb = np.concatenate([perc.embed(ref, [box]) for ref, box in zip(refs, ref_boxes)])  # [N, D]
 
     by_category = {c: perc.detect(out, c) for c in dict.fromkeys(cats)}
-    # PSRBench's protocol: first box(es) per category, cosine with the reference crop.
-    p_boxes = psrbench_boxes(cats, by_category)
     instances = instances_from(by_category, recipe.max_instances)
-    perc.embed(out, [d["box"] for d in instances] + [b for b in p_boxes if b is not None])  # one batch
-    p_sims = [float(perc.embed(out, [box])[0] @ ref_emb[i]) if box is not None else None
-              for i, box in enumerate(p_boxes)]
+    if recipe.protocol == "psrbench":
+        # PSRBench's scripts: stored pixels, first box(es) in the detector's order, truncated
+        # crops, the whole image where detection fails (psr.eval.psrbench).
+        raw_found = {c: perc.detect_psrbench(out, c) for c in dict.fromkeys(cats)}
+        p_boxes = psrbench.subject_boxes(cats, raw_found)
+        p_sims = []
+        for i, (ref, category) in enumerate(zip(refs, cats)):
+            found = perc.detect_psrbench(ref, category)
+            ref_vector = perc.embed_psrbench(ref, found[0]["box"] if found else None)
+            p_sims.append(float(perc.embed_psrbench(out, p_boxes[i]) @ ref_vector))
+        perc.embed(out, [d["box"] for d in instances])  # one batch
+    else:
+        # psr's variant: the k-th best box per category, clipped crops, a missing box scores 0.
+        p_boxes = psrbench_boxes(cats, by_category)
+        perc.embed(out, [d["box"] for d in instances] + [b for b in p_boxes if b is not None])  # one batch
+        p_sims = [float(perc.embed(out, [box])[0] @ ref_emb[i]) if box is not None else None
+                  for i, box in enumerate(p_boxes)]
     # psr's protocol: every instance against every reference, Hungarian assignment.
     sim = (perc.embed(out, [d["box"] for d in instances]) @ ref_emb.T if instances
            else np.zeros((0, n), np.float32)).astype(np.float64)  # [I, N]
@@ -149,7 +170,12 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
         margin = sample_margin(leakage_margins(sim, (align.rows, align.cols)))
         scores["leakage"] = PENALTY if np.isnan(margin) else float(margin)  # NaN: nothing matched
     position_failure = None
-    if "pos_psrbench" in names:
+    if "pos_psrbench" in names and recipe.protocol == "psrbench":
+        # Box 0 of each category, even when both subjects share one (the position script).
+        first = [raw_found[c][0]["box"] if raw_found[c] else None for c in cats[:2]]
+        locality = psrbench.relation_from_instruction(item.instruction)
+        scores["pos_psrbench"] = psrbench.position_score(locality, first[0], first[1])
+    if "pos_exact" in names:
         relation = None
         try:
             relation = canonical_relation(item.position)
@@ -157,11 +183,15 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
             position_failure = str(err)
         if relation is not None and n < 2:
             position_failure = f"position {item.position!r}: the item has only {n} subject"
+        psr_rule = "pos_psrbench" in names and recipe.protocol == "psr"
         if position_failure is not None:
-            scores["pos_psrbench"] = scores["pos_exact"] = PENALTY
+            scores["pos_exact"] = PENALTY
+            if psr_rule:
+                scores["pos_psrbench"] = PENALTY
         else:
-            a, b = p_boxes[0], p_boxes[1]
-            scores["pos_psrbench"] = float(position_psrbench(relation, a, b)) if a and b else PENALTY
+            if psr_rule:
+                a, b = p_boxes[0], p_boxes[1]
+                scores["pos_psrbench"] = float(position_psrbench(relation, a, b)) if a and b else PENALTY
             a, b = m_boxes[0], m_boxes[1]
             scores["pos_exact"] = float(bool(position_correct(relation, a, b, out.size))) if a and b else PENALTY
 

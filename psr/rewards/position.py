@@ -7,15 +7,17 @@ Phrases. PSRBench items name relations in several ways; `RELATION_PHRASES` maps 
 known phrase (lower case, single spaces) to one canonical relation of
 `psr.toyworld.RELATIONS`. An unknown phrase raises a `UserError` naming the nearest known
 one, so no sample vanishes silently (PSRBench's script drops every "next to" item).
+PSRBench's left/right also need |dx| > |dy|; this variant reads the direction alone.
 
 Two rules:
 
-* `position_psrbench` — PSRBench's scoring, a soft score in [0, 1]. The direction comes
-  from the box centres (left of: c_a.x < c_b.x; right of: c_a.x > c_b.x; above:
+* `position_psrbench` — psr's variant of PSRBench's scoring (`protocol = "psr"` of psr
+  eval; the exact script is `psr.eval.psrbench.position_score`), a soft score in [0, 1].
+  The direction comes from the box centres (left of: c_a.x < c_b.x; right of: c_a.x > c_b.x; above:
   c_a.y < c_b.y; below: c_a.y > c_b.y); a wrong direction scores 0. With the right
   direction, IoU < 0.1 scores 1, else 0.1 / IoU (overlapping boxes are only partly
-  credited). PSRBench has no rule for "next to"; psr adds one in the same style: the
-  boxes must be close — their gap (the larger of the horizontal and vertical gaps
+  credited). PSRBench's phrase list never reaches its own "next to" rule; psr adds one in
+  the same style: the boxes must be close — their gap (the larger of the horizontal and vertical gaps
   between the boxes, 0 when they touch or overlap) at most `NEXT_TO_GAP` (0.5) times the
   mean of the two boxes' longer sides — and then score 1 for IoU < 0.1, else 0.1 / IoU.
 * `position_correct` — psr's exact rule, a bool: the rule ToyWorld guarantees for its

@@ -22,6 +22,8 @@ from psr.rl.losses import GRPO_CLIP_RANGE, GSPO_CLIP_HIGH, GSPO_CLIP_LOW
 from psr.train.config import LARGE_PRESETS, AdapterConfig, CheckpointConfig, LoggingConfig
 
 OBJECTIVE_NAMES = ("grpo", "gspo", "focusdpo")
+# GSPO's clip bounds before they were rescaled for psr's per-dimension log-probs.
+PAPER_GSPO_CLIP = (3e-4, 4e-4)
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,19 @@ class PolicyConfig:
     """Advantages are clipped to ± this value."""
     kl_beta: float = 0.0
     """Weight of the closed-form KL to the reference (the model with its adapter disabled);
-    Flow-GRPO: 0.04 or 0.01, later advice: start at 0 (no reference forwards then)."""
+    Flow-GRPO: 0.04 or 0.01 (in its convention), later advice: start at 0 (no reference
+    forwards then)."""
+    kl_convention: Literal["flow_grpo", "exact"] = "flow_grpo"
+    """"flow_grpo": Flow-GRPO's KL, ‖μθ − μref‖²/(2·std_dev_t²) without the step's |dt|, so
+    its β values carry over; "exact": the Gaussian KL of the two transitions, 1/|dt| times
+    larger (the only KL before this key existed)."""
     inner_epochs: int = 1
-    """Optimizer steps per rollout batch (each one a pass over all of the batch's groups)."""
+    """Passes over each rollout batch (Flow-GRPO's num_inner_epochs)."""
+    mini_batches: int = 1
+    """Optimizer steps per inner epoch: the process's groups_per_step · group_size
+    trajectories are shuffled (per seed, step, epoch) and cut into this many equal
+    mini-batches, one optimizer step each. From the second step on the policy has left the
+    rollout's, so the ratios leave 1 and the clip can act."""
 
     def __post_init__(self):
         _require(self.clip_range > 0, "clip_range", "must be > 0")
@@ -115,6 +127,7 @@ class PolicyConfig:
         _require(self.advantage_clip > 0, "advantage_clip", "must be > 0")
         _require(math.isfinite(self.kl_beta) and self.kl_beta >= 0, "kl_beta", "must be >= 0 (0 turns KL off)")
         _require(self.inner_epochs >= 1, "inner_epochs", "must be >= 1")
+        _require(self.mini_batches >= 1, "mini_batches", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,9 @@ class RlTrainConfig:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
     """EMA of the trainable weights, used for eval and the final export; 0 turns it off."""
+    micro_batch: int = 0
+    """grpo/gspo: images per forward and backward of the update (0: a group's G at once).
+    Memory only: the gradient is the same to float rounding."""
 
     def __post_init__(self):
         _require(self.steps >= 1, "steps", "must be >= 1")
@@ -187,6 +203,7 @@ class RlTrainConfig:
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
         _require(self.seed >= 0, "seed", "must be >= 0")
         _require(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 turns EMA off)")
+        _require(self.micro_batch >= 0, "micro_batch", "must be >= 0 (0: a group's images at once)")
 
 
 @dataclass(frozen=True)
@@ -209,9 +226,15 @@ class RlEvalConfig:
     """Item k uses noise seed seed + k, so every evaluation sees the same noise."""
     at_start: bool = True
     """Also evaluate before the first step of a fresh run (the baseline)."""
+    metrics: tuple[RewardSpec, ...] = ()
+    """`[[eval.metrics]]`: registered rewards scored on the evaluation images but never
+    trained on, each logged as `eval/metric:<label or name>`. A policy that games its reward
+    raises the reward but not a held-out metric (e.g. consistency in another feature space)."""
 
     def __post_init__(self):
         _require(self.every >= 0, "every", "must be >= 0 (0 turns evaluation off)")
+        if self.metrics:
+            check_reward_specs(self.metrics, "eval.metrics")
         _require(not self.every or self.bench, "bench", "evaluation needs a bench folder (or set eval.every = 0)")
         _require(self.limit >= 1, "limit", "must be >= 1")
         _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
@@ -272,12 +295,22 @@ class RlRecipe:
                  f"must be <= model.max_references ({self.model.max_references})")
         if self.rewards:
             check_reward_specs(self.rewards, "rewards")
+            trained = {(spec.name, repr(sorted(spec.options.items()))) for spec in self.rewards}
+            for k, spec in enumerate(self.eval.metrics):
+                _require((spec.name, repr(sorted(spec.options.items()))) not in trained, f"eval.metrics[{k}]",
+                         f"{spec.name} with these options is a training reward, so it is not held out; "
+                         "change its options (e.g. another extractor) or drop it")
         else:
             needs = "grpo/gspo score rollouts" if self.objective != "focusdpo" else \
                 "self-ranked pairs are ranked" if self.dpo.pairs == "self-ranked" else \
                 "evaluation scores samples" if self.eval.every else ""
             _require(not needs, "rewards", f"{needs} with the reward mix: add at least one [[rewards]] table "
                                            "with a name (psr, hungarian, clip_t, aesthetic)")
+        if self.uses_rollouts:
+            batch = self.rollout.groups_per_step * self.rollout.group_size
+            _require(batch % self.policy.mini_batches == 0, "policy.mini_batches",
+                     f"{self.policy.mini_batches} does not divide the {batch} trajectories a process rolls out per "
+                     f"step (rollout.groups_per_step · rollout.group_size); pick a divisor of {batch}")
         if self.eval.bench is not None:
             _require(self.eval.bench.rstrip("/") != self.data.path.rstrip("/"), "eval.bench",
                      "is the training source; evaluate on a held-out bench")
@@ -285,6 +318,19 @@ class RlRecipe:
     @property
     def uses_rollouts(self) -> bool:
         return self.objective in ("grpo", "gspo")
+
+    def hash_view(self) -> RlRecipe:
+        """The recipe as the training hash sees it (`psr.train.config.training_hash`): a policy
+        key the run never reads hashes as its value from before its default changed, so a new
+        default moves the hash only of the runs it changes. The KL convention matters only
+        with a KL term (kl_beta > 0 in grpo/gspo), else it hashes as "exact", the value that
+        (as an added key, `ADDED_KEYS`) is left out; GSPO's clip bounds matter only to gspo."""
+        policy = self.policy
+        if self.objective == "focusdpo" or policy.kl_beta == 0:
+            policy = replace(policy, kl_convention="exact")
+        if self.objective != "gspo":
+            policy = replace(policy, clip_low=PAPER_GSPO_CLIP[0], clip_high=PAPER_GSPO_CLIP[1])
+        return self if policy == self.policy else replace(self, policy=policy)
 
 
 def resolve_rl(recipe: RlRecipe) -> RlRecipe:
@@ -303,6 +349,6 @@ def resolve_rl(recipe: RlRecipe) -> RlRecipe:
 
 
 # Keys that change how a run is operated, not what it computes: a resume may change them.
+# train.micro_batch only splits forwards (like the attention backend, it moves float rounding).
 OPERATIONAL = ("out", "train.steps", "logging", "checkpoint", "eval", "model.device", "model.cpu_offload",
-               "model.attention_backend")
-
+               "model.attention_backend", "train.micro_batch")

@@ -21,8 +21,10 @@ are reduced with the same FocusDPO weights, computed from the winner:
   render of that reference (mask covering ≥ half of a token); without a ToyWorld example
   the whole reference counts as the subject (a reference shows its subject alone).
 - detail: local entropy of the winner image.
-Using the winner's map for both images compares like with like: for disrupted pairs the
-layout is identical, so the map marks the disrupted region in both.
+For disrupted pairs the layout is identical, so the winner's map marks the disrupted
+region in both images and weights both errors. A self-ranked loser comes from other noise,
+with its subjects elsewhere: the winner's map would weight its background, so its error is
+weighted by its own map (computed the same way from the loser's latents and image).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Pair:
     detail: torch.Tensor | None
     weight: float = 1.0
     """0 for a tie (no preference): the pair is computed but does not count."""
+    structure_loser: torch.Tensor | None = None
+    """[L] the loser's own structure map when its layout differs from the winner's
+    (self-ranked pairs); None: the winner's maps weight both errors."""
+    detail_loser: torch.Tensor | None = None
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -141,11 +147,12 @@ def self_ranked(policy: Policy, item, rollout, seeds: list[int], reward: Callabl
     worst, best = int(order[0]), int(order[-1])
     pair_cond = condition(model, item.prompt, references, rollout.size, 2, rollout.guidance)
     x0 = final[[best, worst]].to(model.device)
-    structure = detail = None
-    if cfg.focus:
+    structure = detail = structure_loser = detail_loser = None
+    if cfg.focus:  # each image's own map: the two come from different noise, in different layouts
         structure, detail = focus_maps(policy, pair_cond, x0[0], images[best], item, cfg)
+        structure_loser, detail_loser = focus_maps(policy, pair_cond, x0[1], images[worst], item, cfg)
     weight = float(result.total[best] > result.total[worst])
-    return Pair(pair_cond, x0, images[best], structure, detail, weight), result
+    return Pair(pair_cond, x0, images[best], structure, detail, weight, structure_loser, detail_loser), result
 
 
 def pair_loss(policy: Policy, pair: Pair, sigma: float, noise: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
@@ -158,8 +165,12 @@ def pair_loss(policy: Policy, pair: Pair, sigma: float, noise: torch.Tensor, cfg
     t = torch.full((2,), float(sigma), device=device)
     err_theta = (policy.velocity(noisy, t, pair.cond, grad=True).float() - target).pow(2).mean(dim=-1)
     err_ref = (policy.velocity(noisy, t, pair.cond, reference=True).float() - target).pow(2).mean(dim=-1)
-    weights = None
+    weights_w = weights_l = None
     if pair.structure is not None:
-        weights = focus_weights(pair.structure, pair.detail, sigma, cfg.detail_on_below, cfg.floor).to(device)
+        weights_w = weights_l = focus_weights(pair.structure, pair.detail, sigma, cfg.detail_on_below,
+                                              cfg.floor).to(device)
+    if pair.structure_loser is not None:
+        weights_l = focus_weights(pair.structure_loser, pair.detail_loser, sigma, cfg.detail_on_below,
+                                  cfg.floor).to(device)
     return diffusion_dpo_loss(err_theta[:1], err_ref[:1], err_theta[1:], err_ref[1:], cfg.beta,
-                              weights_w=weights, weights_l=weights)
+                              weights_w=weights_w, weights_l=weights_l)

@@ -5,6 +5,8 @@ noise seed `eval.seed + k`, `eval.steps` Euler steps and the EMA weights when EM
 so every evaluation of a run sees the same prompts, references and noise. The result is
 the mean of every reward term over the items (NaN entries, where a term is undefined for
 an item, are left out of its mean), logged as `eval/<term>`, plus a strip of the images.
+Held-out metrics (`eval.metrics`: rewards the policy is not trained on) score the same
+images, each as `eval/metric:<label>`, so a gamed reward shows as a gap between the two.
 """
 
 from __future__ import annotations
@@ -48,14 +50,18 @@ def strip(images: list[Image.Image], columns: int = 8) -> Image.Image:
 
 
 def evaluate(model, items, reward, cfg, autocast=contextlib.nullcontext, folder: Path | None = None,
-             step: int = 0) -> dict[str, float]:
-    """Mean reward terms of the slice as {"eval/reward": …, "eval/<term>": …}; with `folder`,
-    also writes folder/step_XXXXXX.png."""
+             step: int = 0, metrics: dict | None = None) -> dict[str, float]:
+    """Mean reward terms of the slice as {"eval/reward": …, "eval/<term>": …}, and each
+    held-out metric's mean total as "eval/metric:<label>"; with `folder`, also writes
+    folder/step_XXXXXX.png."""
     import torch
 
     images, references = generate(model, items, cfg, autocast)
-    result = reward(RewardBatch(images, [i.prompt for i in items], references, [list(i.categories) for i in items]))
+    batch = RewardBatch(images, [i.prompt for i in items], references, [list(i.categories) for i in items])
+    result = reward(batch)
     out = {"eval/reward": result.total.double().mean().item()}
+    for label, metric in (metrics or {}).items():
+        out[f"eval/metric:{label}"] = metric(batch).total.double().mean().item()
     for name, values in sorted(result.terms.items()):
         defined = values[~torch.isnan(values)].double()
         out[f"eval/{name}"] = defined.mean().item() if defined.numel() else float("nan")

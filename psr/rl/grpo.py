@@ -8,16 +8,26 @@ A step of process `rank` (the workflow in psr/workflows/rl.py drives it):
 2. `score`: the decoded images of all groups go through the reward mix in one batch.
 3. `advantages`: group-relative, from the rewards of every process (so "batch" scope
    sees the whole batch); each group lives in one process.
-4. `update`: for the trained steps, the log-prob of the stored transition is recomputed
-   under the current policy (velocity with grad) and the objective applied; the optional
-   KL term compares the transition means with the reference (adapters disabled).
-   GRPO is a mean over (trajectory, step) entries, so each (group, step) chunk is
-   backpropagated on its own; GSPO's ratio spans a trajectory, so each group is one chunk
-   (its graph holds the group's trained steps). Either way the sum of the chunks' gradients
-   equals the gradient of the objective over the whole batch.
+4. `update`, once per optimizer step: the workflow runs `policy.inner_epochs` epochs, each
+   cutting the batch into `policy.mini_batches` shuffled mini-batches (`mini_batches`); the
+   advantages stay those of step 3. For the trained steps, the log-prob of the stored
+   transition is recomputed under the current policy (velocity with grad) and the objective
+   applied; the optional KL term compares the transition means with the reference
+   (adapters disabled).
+   Each (group, trained step, micro-batch of ≤ `train.micro_batch` images) is one chunk,
+   backpropagated on its own, so one step's graph is alive at a time. GRPO is a mean over
+   (trajectory, step) entries, so its chunks simply add up. GSPO's ratio spans a trajectory:
+   a no-grad pass over the trained steps first gives every sequence ratio and whether its
+   trajectory is clipped, then each chunk backpropagates the surrogate Σ w·log π whose
+   weights w = ∂loss/∂log π (`gspo_log_prob_weights`) make the chunks' gradients add up to
+   GSPO's. Either way the sum is the gradient of the objective over the mini-batch.
 
-Every random draw is a function of (seed, step, rank, group, image): a resumed run draws
-exactly what an uninterrupted one would.
+Every random draw is a function of (seed, step, group, image), with `group` the prompt's
+index in the step's global batch (process rank's k-th group is rank·groups_per_step + k), so a
+resumed run draws exactly what an uninterrupted one would and a step's rollouts do not depend
+on how many processes share them. The mini-batch cut is a function of (seed, step, rank,
+epoch): it permutes one process's trajectories, so with `policy.mini_batches` > 1 the
+optimizer steps differ with the number of processes.
 """
 
 from __future__ import annotations
@@ -34,12 +44,12 @@ import torch
 from psr.core import images as imgs
 from psr.core.sampler import flux_schedule
 from psr.rewards import RewardBatch
-from psr.rl.losses import grpo_loss, gspo_loss
+from psr.rl.losses import grpo_loss, gspo_log_prob_weights, gspo_loss
 from psr.rl.policy import Conditioning, Policy, condition
-from psr.rl.sde import Trajectory, closed_form_kl, sde_sample, sde_step
+from psr.rl.sde import Trajectory, sde_sample, sde_step, step_kl
 
 # Salts that keep the streams of one (seed, step, rank, group) apart.
-NOISE, SDE, TRAINED = 0x1017, 0x5DE, 0x57E9
+NOISE, SDE, TRAINED, SHUFFLE = 0x1017, 0x5DE, 0x57E9, 0x5F1E
 
 
 def seed_of(*parts: int) -> int:
@@ -91,14 +101,16 @@ def schedule_for(model, steps: int, grid: tuple[int, int]):
     return flux_schedule(model.components.scheduler.config, steps, grid[0] * grid[1])
 
 
-def rollout(policy: Policy, item, cfg, chosen: list[int], seed: int, step: int, rank: int, index: int) -> Group:
-    """G SDE rollouts of `item` (cfg: the resolved rollout section)."""
+def rollout(policy: Policy, item, cfg, chosen: list[int], seed: int, step: int, group: int) -> Group:
+    """G SDE rollouts of `item` (cfg: the resolved rollout section), the `group`-th prompt of
+    the step's global batch."""
     model, g = policy.model, cfg.group_size
     references = item.references()
     cond = condition(model, item.prompt, references, cfg.size, g, cfg.guidance)
-    seeds = [seed_of(seed, step, rank, index, 0 if cfg.same_noise else k, NOISE) for k in range(g)]
+    # The 0 holds the place the process index once had: one-process runs draw as before.
+    seeds = [seed_of(seed, step, 0, group, 0 if cfg.same_noise else k, NOISE) for k in range(g)]
     latents = model.noise(seeds, cfg.size, cfg.size).to(policy.dtype)
-    generators = [generator(seed, step, rank, index, k, SDE) for k in range(g)]
+    generators = [generator(seed, step, 0, group, k, SDE) for k in range(g)]
     trajectory = sde_sample(lambda x, t: policy.velocity(x, t, cond), latents, schedule_for(model, cfg.steps, cond.grid),
                             cfg.noise_level, generators, chosen if cfg.sde_steps == "trained" else None)
     images = imgs.to_pil(model.decode(trajectory.final, cfg.size, cfg.size).float())
@@ -128,61 +140,138 @@ def reward_stats(totals: torch.Tensor, terms: dict[str, torch.Tensor], group_siz
     return out
 
 
-def _step_log_prob(policy: Policy, group: Group, j: int, noise_level: float, kl: bool):
-    """(log-prob [G] with grad, KL [G] or None) of group's stored transition j → j+1."""
-    traj, cond = group.trajectory, group.cond
+def mini_batches(size: int, parts: int, seed: int, step: int, rank: int, epoch: int) -> list[list[int]]:
+    """The rows (trajectory indices, group order) of each optimizer step of inner epoch `epoch`.
+
+    The process's `size` trajectories are permuted by a generator seeded from (seed, step,
+    rank, epoch), so a resumed run cuts them exactly as before, and cut into `parts` equal
+    mini-batches (each sorted, so a group's rows stay together). One part is the whole batch
+    in its order.
+    """
+    if parts < 1 or size % parts:
+        raise ValueError(f"{size} trajectories cannot be cut into {parts} equal mini-batches")
+    if parts == 1:
+        return [list(range(size))]
+    order = torch.randperm(size, generator=generator(seed, step, rank, epoch, SHUFFLE)).tolist()
+    n = size // parts
+    return [sorted(order[k * n:(k + 1) * n]) for k in range(parts)]
+
+
+def _step_log_prob(policy: Policy, group: Group, j: int, noise_level: float, rows: list[int],
+                   kl: str | None = None, grad: bool = True):
+    """(log-prob [n] with grad when `grad`, KL [n] or None) of the stored transitions j → j+1
+    of the group's images `rows` (kl: the KL convention, None for no KL)."""
+    traj = group.trajectory
     sigmas = traj.sigmas.tolist()
-    x, x_next = traj.latents[:, j], traj.latents[:, j + 1]
+    # The whole group as a view, like the rollout saw it; a subset by index.
+    index = slice(None) if len(rows) == traj.latents.shape[0] else torch.tensor(rows)
+    x, x_next = traj.latents[index, j], traj.latents[index, j + 1]
+    cond = group.cond.take(len(rows))
     t = traj.timesteps[j].expand(x.shape[0]).to(x.device)
-    v = policy.velocity(x, t, cond, grad=True)
+    v = policy.velocity(x, t, cond, grad=grad)
     new = sde_step(x, v, sigmas[j], sigmas[j + 1], noise_level, prev_sample=x_next)
     divergence = None
-    if kl:
+    if kl is not None:
         v_ref = policy.velocity(x, t, cond, reference=True)
         ref = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], noise_level, prev_sample=x_next)
-        divergence = closed_form_kl(new.mean, ref.mean, new.std)
+        divergence = step_kl(new, ref.mean, kl)
     return new.log_prob, divergence
 
 
-def update(policy: Policy, groups: list[Group], advantages: torch.Tensor, chosen: list[int], objective: str,
-           cfg, noise_level: float, *, backward: Callable[[torch.Tensor], None],
-           sync: Callable[[bool], Any] = lambda last: contextlib.nullcontext(),
-           aux: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One pass over the rollout batch with gradients (module docstring, step 4).
-
-    advantages [B] (B = groups · G, group order); cfg: the recipe's policy section;
-    backward(loss) backpropagates one chunk; sync(last) wraps a chunk's forwards and
-    backward (gradient synchronisation only for the last); aux() adds MoE-LoRA's
-    load-balancing term of the chunk's forwards. Returns the unweighted statistics.
-    """
+def _pieces(groups: list[Group], rows: list[int], micro_batch: int) -> list[tuple[int, list[int]]]:
+    """(group, its images among `rows`) in group order, cut into at most `micro_batch`
+    images each (0: a group's images in one piece)."""
     g = groups[0].trajectory.latents.shape[0]
+    out = []
+    for k in range(len(groups)):
+        mine = [r - k * g for r in rows if k * g <= r < (k + 1) * g]
+        if not mine:  # a shuffled mini-batch may leave a group out
+            continue
+        size = micro_batch or len(mine)
+        out.extend((k, mine[i:i + size]) for i in range(0, len(mine), size))
+    return out
+
+
+def _gspo_weights(policy: Policy, groups: list[Group], pieces, rows: list[int], advantages: torch.Tensor,
+                  chosen: list[int], cfg, noise_level: float):
+    """GSPO's no-grad pass: the current log-probs of every trained step of `rows`, the loss,
+    its statistics and ∂loss/∂log π per (row, step) (`gspo_log_prob_weights`). With adapter
+    dropout this pass and the gradient pass draw different masks."""
+    g = groups[0].trajectory.latents.shape[0]
+    position = {r: i for i, r in enumerate(rows)}
+    device = groups[0].trajectory.log_probs.device
+    new = torch.zeros(len(rows), len(chosen), device=device)
+    for k, piece in pieces:
+        at = [position[k * g + i] for i in piece]
+        with policy.token_mask(groups[k].cond):
+            for n, j in enumerate(chosen):
+                new[at, n] = _step_log_prob(policy, groups[k], j, noise_level, piece, grad=False)[0].to(device)
+    old = torch.stack([groups[r // g].trajectory.log_probs[r % g, chosen].to(device) for r in rows])
+    adv = advantages[rows].to(device)
+    loss, stats = gspo_loss(new, old, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+    weights = gspo_log_prob_weights(new, old, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+    return weights, {"policy_loss": loss.item(), **stats}
+
+
+def update(policy: Policy, groups: list[Group], advantages: torch.Tensor, chosen: list[int], objective: str,
+           cfg, noise_level: float, *, backward: Callable[[torch.Tensor], None], rows: list[int] | None = None,
+           micro_batch: int = 0, sync: Callable[[bool], Any] = lambda last: contextlib.nullcontext(),
+           aux: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """The gradient of one optimizer step over the trajectories `rows` (module docstring, step 4).
+
+    advantages [B] (B = groups · G, group order); rows: indices into B (None: all of them),
+    one mini-batch; cfg: the recipe's policy section; micro_batch: at most this many images
+    per forward (0: a group's images at once); backward(loss) backpropagates one chunk;
+    sync(last) wraps a chunk's forwards and backward (gradient synchronisation only for the
+    last); aux() adds MoE-LoRA's load-balancing term of the chunk's forwards. Returns the
+    unweighted statistics (means over the mini-batch's trained entries).
+    """
+    if objective not in ("grpo", "gspo"):
+        raise ValueError(f"objective {objective!r}: choose grpo or gspo")
+    g = groups[0].trajectory.latents.shape[0]
+    rows = list(range(len(groups) * g)) if rows is None else sorted(rows)
+    if not rows:
+        raise ValueError("an optimizer step needs at least one trajectory")
     beta = cfg.kl_beta
-    chunks = [(k, [j]) for k in range(len(groups)) for j in chosen] if objective == "grpo" else \
-        [(k, list(chosen)) for k in range(len(groups))]
-    share = 1.0 / len(chunks)
+    kl = cfg.kl_convention if beta > 0 else None
+    pieces = _pieces(groups, rows, micro_batch)
     totals: dict[str, float] = {}
-    for n, (k, steps) in enumerate(chunks):
-        group, adv = groups[k], advantages[k * g:(k + 1) * g]
-        with sync(n == len(chunks) - 1), policy.token_mask(group.cond):
-            pairs = [_step_log_prob(policy, group, j, noise_level, beta > 0) for j in steps]
-            new = torch.stack([p[0] for p in pairs], dim=1)
-            old = group.trajectory.log_probs[:, steps].to(new.device)
+    weights = None
+    if objective == "gspo":
+        weights, totals = _gspo_weights(policy, groups, pieces, rows, advantages, chosen, cfg, noise_level)
+        totals["loss"] = totals["policy_loss"]
+        position = {r: i for i, r in enumerate(rows)}
+    chunks = [(k, piece, n, j) for k, piece in pieces for n, j in enumerate(chosen)]
+    for c, (k, piece, n, j) in enumerate(chunks):
+        group = groups[k]
+        # Every (image, trained step) entry of the mini-batch weighs the same.
+        share = len(piece) / (len(rows) * len(chosen))
+        with sync(c == len(chunks) - 1), policy.token_mask(group.cond):
+            new, divergence = _step_log_prob(policy, group, j, noise_level, piece, kl)
+            stats: dict[str, float] = {}
             if objective == "grpo":
-                loss, stats = grpo_loss(new, old, adv.to(new.device), clip_range=cfg.clip_range)
+                old = group.trajectory.log_probs[piece, j].to(new.device)
+                adv = advantages[[k * g + i for i in piece]].to(new.device)
+                total, stats = grpo_loss(new[:, None], old[:, None], adv, clip_range=cfg.clip_range)
+                stats["policy_loss"] = total.item()
             else:
-                loss, stats = gspo_loss(new, old, adv.to(new.device), clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-            total = loss
-            stats["policy_loss"] = loss.item()
-            if beta > 0:
-                kl = torch.stack([p[1] for p in pairs], dim=1).mean()
-                total = total + beta * kl
-                stats["kl"] = kl.item()
+                total = torch.zeros((), device=new.device)
+            if divergence is not None:
+                mean_kl = divergence.mean()
+                total = total + beta * mean_kl
+                stats["kl"] = mean_kl.item()
             if aux is not None:
                 moe = aux()
                 total = total + moe.to(total.device)
                 stats["moe_aux"] = moe.item()
-            stats["loss"] = total.item()
-            backward(total * share)
+            if objective == "grpo":
+                stats["loss"] = total.item()
+                backward(total * share)
+            else:
+                # GSPO's surrogate: its gradient is the step's part of the sequence loss's.
+                w = weights[[position[k * g + i] for i in piece], n].to(new.device)
+                stats["loss"] = total.item()
+                backward((w * new).sum() + total * share)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value * share
     return totals

@@ -9,6 +9,8 @@ GRPO (Flow-GRPO): one PPO ratio per (trajectory, step), clipped to 1 ± ε;
 GSPO: the trajectory is the sequence, its trained denoising steps the tokens;
     s_b = exp(mean over trained j of (log π_θ − log π_old)), clipped once to [1 − ε_low, 1 + ε_high];
     loss = −mean over b of min(s_b·A_b, clip(s_b)·A_b).
+    `gspo_log_prob_weights` gives ∂loss/∂log π per (b, j), so the loss's gradient can be
+    backpropagated one step at a time.
 
 Every statistic is a float: clip_fraction (share of ratios outside the clip range),
 approx_kl (mean of ½·(log π_θ − log π_old)² over trained entries), ratio_mean.
@@ -20,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 GRPO_CLIP_RANGE = 1e-4  # Flow-GRPO's ε
-GSPO_CLIP_LOW, GSPO_CLIP_HIGH = 3e-4, 4e-4  # the GSPO paper's [1 − 3e-4, 1 + 4e-4]
+# The GSPO paper's [1 − 3e-4, 1 + 4e-4] divided by 4: its 3:4 asymmetry with Flow-GRPO's ε
+# as the upper bound. psr's step log-probs are means over the latent dims, the scale that
+# Flow-GRPO's ε was set for, and s_b is a mean of those (docs/rl.md, "Clip range defaults").
+GSPO_CLIP_LOW, GSPO_CLIP_HIGH = 7.5e-5, 1e-4
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,6 +102,38 @@ def gspo_loss(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, advantages
             "ratio_mean": ratio.mean().item(),
         }
     return loss, stats
+
+
+def gspo_log_prob_weights(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor,
+                          clip_low: float = GSPO_CLIP_LOW, clip_high: float = GSPO_CLIP_HIGH,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """∂ gspo_loss / ∂ log π_θ[b, j] at the given log-probs, [B, T] (no graph is needed).
+
+    GSPO's gradient is then Σ_bj w_bj·∇log π_θ[b, j], a sum over steps, so the update can
+    backpropagate one denoising step at a time with the surrogate Σ_b w_bj·log π_θ[b, j]
+    instead of holding the graph of a whole trajectory. With s_b the sequence ratio and T_b
+    the trajectory's trained steps,
+
+        w_bj = −c_b·s_b / (T_b·B) on trained steps (0 elsewhere),
+        c_b  = A_b where min(s_b·A_b, clip(s_b)·A_b) takes the unclipped term (ties included),
+               0 where it takes the clipped constant (that trajectory gives no gradient).
+
+    This is autograd's answer for `gspo_loss`, ties included (the minimum splits a tie's
+    gradient in halves that add up again inside the clip range).
+    """
+    if not (0 < clip_low < 1 and clip_high > 0):
+        raise ValueError(f"need 0 < clip_low < 1 and clip_high > 0, got {clip_low}, {clip_high}")
+    new, old = log_prob_new.detach(), log_prob_old.detach()
+    mask = _check_inputs(new, old, advantages, mask)
+    steps = mask.sum(dim=1)
+    if not bool((steps > 0).all()):
+        raise ValueError(f"trajectories {torch.nonzero(steps == 0).flatten().tolist()} have no trained step")
+    log_ratio = torch.where(mask, new - old, torch.zeros_like(new))
+    ratio = torch.exp(log_ratio.sum(dim=1) / steps)
+    adv = advantages.detach().to(ratio.dtype)
+    unclipped = ratio * adv <= ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    coef = torch.where(unclipped, adv, torch.zeros_like(adv)) * ratio / (steps * new.shape[0])
+    return torch.where(mask, -coef[:, None].expand_as(new), torch.zeros_like(new))
 
 
 # Objective-specific options are keywords: grpo takes clip_range, gspo clip_low / clip_high;

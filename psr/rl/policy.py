@@ -4,7 +4,9 @@
 of `MultiRefFlux.velocity`) and returns the target tokens' velocity. With `grad=True` the
 forward goes through the prepared (maybe DDP-wrapped) module so gradients are synchronised;
 otherwise through the bare transformer under `no_grad`. `reference=True` is the reference
-policy: the same network with every adapter disabled (`adapters_disabled`).
+policy: the same network with the trained adapter disabled (`adapters_disabled`); adapters
+loaded frozen below it (an `init` that stays unmerged) stay on, so the reference is the model
+the run started from.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 
 import torch
 
-from psr.core.adapters import input_dtype
+from psr.core.adapters import adapters_disabled, input_dtype
 from psr.core.attention import TokenLayout
 from psr.core.lora import lora_token_mask
 from psr.core.model import MultiRefFlux, PromptEmbeds, References
-from psr.core.moe_lora import MoELoRA
 from psr.core.positions import grid_ids
+from psr.core.refstream import cached_references
 
 
 @dataclass
@@ -40,6 +42,17 @@ class Conditioning:
     @property
     def batch(self) -> int:
         return self.text.embeds.shape[0]
+
+    def take(self, batch: int) -> Conditioning:
+        """The same conditioning for a batch of `batch` images (<= self.batch): every row
+        holds the same prompt, so the first rows serve any subset of a group's images."""
+        if batch == self.batch:
+            return self
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"a conditioning for {self.batch} images cannot serve {batch}")
+        text = PromptEmbeds(self.text.embeds[:batch], self.text.pooled[:batch], self.text.ids)
+        guidance = None if self.guidance is None else self.guidance[:batch]
+        return Conditioning(text, self.refs, self.grid, guidance, self.token_mask)
 
     def reference_tokens(self) -> list[torch.Tensor]:
         """Per reference, its packed latent tokens [h_i·w_i, C]."""
@@ -61,32 +74,6 @@ def condition(model: MultiRefFlux, prompt: str, references, size: int, batch: in
     return Conditioning(text, refs, grid, g, mask)
 
 
-def _moe_modules(transformer) -> list:
-    return [m for m in transformer.modules() if isinstance(m, MoELoRA)]
-
-
-@contextlib.contextmanager
-def adapters_disabled(transformer):
-    """The base network for the `with` block: peft LoRA layers are switched off through
-    diffusers' `disable_adapters` (peft's per-layer switch) and MoE-LoRA modules return
-    their frozen base's output; everything is switched back on afterwards."""
-    lora = bool(getattr(transformer, "_hf_peft_config_loaded", False))
-    trainable = {id(p): p.requires_grad for p in transformer.parameters()}
-    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: mod.base(*args, **kwargs), with_kwargs=True)
-             for m in _moe_modules(transformer)]
-    if lora:
-        transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        if lora:
-            transformer.enable_adapters()
-        for param in transformer.parameters():  # peft's switch also toggles requires_grad
-            param.requires_grad_(trainable[id(param)])
-
-
 class Policy:
     """The model's velocity as the current policy (with grad or without) or as the reference."""
 
@@ -99,10 +86,18 @@ class Policy:
         frozen = any(not p.requires_grad for p in model.transformer.parameters())
         self.dtype = input_dtype(model.transformer, "lora" if frozen else "none")
 
+    @contextlib.contextmanager
     def token_mask(self, cond: Conditioning):
-        """Reference-only LoRA's token mask for a `with` block. A backward that recomputes
-        checkpointed blocks must run inside it, like the forward."""
-        return lora_token_mask(self.model.transformer, cond.token_mask)
+        """Reference-only LoRA's token mask and, in cached reference mode, the sequence layout
+        (`psr.core.refstream`) for a `with` block. A backward that recomputes checkpointed
+        blocks must run inside it, like the forward."""
+        transformer = self.model.transformer
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(lora_token_mask(transformer, cond.token_mask))
+            if self.model.reference_mode == "cached":
+                layout = TokenLayout.for_velocity(cond.text.embeds.shape[1], cond.grid, cond.refs.grids)
+                stack.enter_context(cached_references(transformer, layout))
+            yield
 
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, *, grad: bool = False,
                  reference: bool = False) -> torch.Tensor:
@@ -121,6 +116,7 @@ class Policy:
                 stack.enter_context(adapters_disabled(transformer))
             stack.enter_context(self.token_mask(cond))
             stack.enter_context(self.autocast())
+            stack.enter_context(self.model.autocast())  # bfloat16 on the CPU (MultiRefFlux.from_config)
             out = module(hidden_states=hidden, timestep=timestep.to(hidden.dtype), guidance=cond.guidance,
                          pooled_projections=cond.text.pooled.to(hidden.dtype),
                          encoder_hidden_states=cond.text.embeds.to(hidden.dtype), txt_ids=cond.text.ids,

@@ -45,6 +45,9 @@ class SdeStep:
     """[B] float32: the transition's standard deviation std_dev_t·sqrt(−dt) (0 for a = 0)."""
     log_prob: torch.Tensor
     """[B] float32: log N(prev_sample; mean, std²) averaged over the non-batch dims (0 where std = 0)."""
+    std_dev_t: torch.Tensor
+    """[B] float32: the SDE's noise scale sqrt(σ/(1−σ))·a, without the step's sqrt(−dt)
+    (what Flow-GRPO's KL divides by)."""
 
 
 def _per_sample(value: float | torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -59,7 +62,8 @@ def _per_sample(value: float | torch.Tensor, batch: int, name: str) -> torch.Ten
 
 
 def _coefficients(sigma, sigma_next, noise_level: float, batch: int):
-    """(c_x, c_v, std) as float64 [B]: mean = c_x·x + c_v·v, x' = mean + std·ε."""
+    """(c_x, c_v, std, std_dev_t) as float64 [B]: mean = c_x·x + c_v·v, x' = mean + std·ε,
+    std = std_dev_t·sqrt(−dt)."""
     if not (math.isfinite(noise_level) and noise_level >= 0):
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level}")
     s = _per_sample(sigma, batch, "sigma")
@@ -74,7 +78,7 @@ def _coefficients(sigma, sigma_next, noise_level: float, batch: int):
     var = std_dev_t**2
     c_x = 1 + var / (2 * s) * dt
     c_v = (1 + var * (1 - s) / (2 * s)) * dt
-    return c_x, c_v, std_dev_t * torch.sqrt(-dt)
+    return c_x, c_v, std_dev_t * torch.sqrt(-dt), std_dev_t
 
 
 def _draw(shape: torch.Size, device: torch.device, generator: Generators) -> torch.Tensor:
@@ -119,7 +123,7 @@ def sde_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float | torch.Tenso
     """
     if velocity.shape != x.shape:
         raise ValueError(f"velocity shape {tuple(velocity.shape)} != latents shape {tuple(x.shape)}")
-    c_x, c_v, std = _coefficients(sigma, sigma_next, float(noise_level), x.shape[0])
+    c_x, c_v, std, std_dev_t = _coefficients(sigma, sigma_next, float(noise_level), x.shape[0])
     mean = x.float() * _view(c_x, x) + velocity.float() * _view(c_v, x)
     std32 = std.to(x.device, torch.float32)
     if prev_sample is None:
@@ -130,7 +134,8 @@ def sde_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float | torch.Tenso
     elif prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != latents shape {tuple(x.shape)}")
     return SdeStep(prev_sample=prev_sample, mean=mean, std=std32,
-                   log_prob=gaussian_log_prob(prev_sample.detach(), mean, std32))
+                   log_prob=gaussian_log_prob(prev_sample.detach(), mean, std32),
+                   std_dev_t=std_dev_t.to(x.device, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -230,3 +235,21 @@ def closed_form_kl(mean_theta: torch.Tensor, mean_ref: torch.Tensor, std: torch.
     sq = (mean_theta.float() - mean_ref.float()).pow(2).flatten(1).mean(dim=1)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     return torch.where(std > 0, sq / (2 * safe**2), torch.zeros_like(sq))
+
+
+KL_CONVENTIONS = ("flow_grpo", "exact")
+
+
+def step_kl(step: SdeStep, mean_ref: torch.Tensor, convention: str = "flow_grpo") -> torch.Tensor:
+    """The KL penalty of one step between the policy's transition `step` and the reference
+    transition with mean `mean_ref` → [B] float32.
+
+    "exact": `closed_form_kl` with the transition std std_dev_t·sqrt(−dt), the true KL of the
+        two Gaussians (per dimension, averaged over dims).
+    "flow_grpo": Flow-GRPO's ((μθ − μref)²).mean(dims) / (2·std_dev_t²), the same expression
+        with the noise scale std_dev_t in place of the transition std; it equals
+        exact·|dt|, so Flow-GRPO's β values (0.04, 0.01) mean what they mean there.
+    """
+    if convention not in KL_CONVENTIONS:
+        raise ValueError(f"KL convention {convention!r}: choose one of {', '.join(KL_CONVENTIONS)}")
+    return closed_form_kl(step.mean, mean_ref, step.std if convention == "exact" else step.std_dev_t)

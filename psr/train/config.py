@@ -214,6 +214,10 @@ class PretrainRecipe:
                  "train.mixed_precision", "fp16 autocast needs CUDA; on the CPU use \"bf16\" or \"no\"")
         _require(self.data.max_references <= self.model.max_references, "data.max_references",
                  f"must be <= model.max_references ({self.model.max_references})")
+        _require(not self.regularizers or self.model.reference_mode == "joint", "regularizers",
+                 "attention regularizers read reference↔target attention, which model.reference_mode = "
+                 "\"cached\" does not compute (references attend only to themselves); use reference_mode "
+                 "\"joint\" or leave the regularizers out")
         names = [s.name for s in self.regularizers]
         dup = sorted({n for n in names if names.count(n) > 1})
         _require(not dup, "regularizers", f"{dup[0] if dup else ''!r} is listed twice; give each regularizer once")
@@ -239,7 +243,23 @@ OPERATIONAL = ("out", "train.steps", "logging", "checkpoint", "samples", "data.n
 
 # Keys added after runs were already written, with the default that means "as before": at
 # that default they are left out of the hash, so those runs still resume (`--resume`).
-ADDED_KEYS = {"model.weights": None, "train.subject_weight": 1.0}
+ADDED_KEYS = {"model.weights": None, "train.subject_weight": 1.0, "model.reference_resize": "longest",
+              "model.reference_mode": "joint",
+              # psr rl's (RlRecipe.hash_view hashes an unused KL convention as "exact")
+              "policy.mini_batches": 1, "policy.kl_convention": "exact"}
+
+
+def _hashed(recipe) -> dict:
+    """The recipe as the hash sees it: `model.reference_resize` is the rule that runs, so an
+    unresolved None and the preset's rule it stands for hash alike. A recipe class may also
+    define `hash_view()`: the same recipe with the keys it never reads at neutral values."""
+    view = getattr(recipe, "hash_view", None)
+    if callable(view):
+        recipe = view()
+    data = dataclasses.asdict(recipe)
+    if isinstance(getattr(recipe, "model", None), ModelConfig):
+        data["model"]["reference_resize"] = recipe.model.resize_rule
+    return data
 
 
 def _flat(data: dict, prefix: str = "", operational: tuple[str, ...] = OPERATIONAL) -> dict[str, Any]:
@@ -260,14 +280,14 @@ def _flat(data: dict, prefix: str = "", operational: tuple[str, ...] = OPERATION
 def training_hash(recipe: PretrainRecipe, operational: tuple[str, ...] = OPERATIONAL) -> str:
     """Hash of everything that decides the weights a run computes (any recipe dataclass;
     `operational` names the keys left out, as dotted prefixes)."""
-    flat = _flat(dataclasses.asdict(recipe), operational=operational)
+    flat = _flat(_hashed(recipe), operational=operational)
     return hashlib.sha256(repr(sorted(flat.items())).encode()).hexdigest()[:16]
 
 
 def recipe_difference(old: PretrainRecipe, new: PretrainRecipe, operational: tuple[str, ...] = OPERATIONAL) -> str:
     """The first key (outside `operational`) whose value differs, with both values."""
-    a = _flat(dataclasses.asdict(old), operational=operational)
-    b = _flat(dataclasses.asdict(new), operational=operational)
+    a = _flat(_hashed(old), operational=operational)
+    b = _flat(_hashed(new), operational=operational)
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             return f"{key} ({a.get(key)!r} in the checkpoint, {b.get(key)!r} now)"

@@ -2,9 +2,9 @@
 
 Per row (`TrainRows[i]`):
 - target pixels [3, H, W] in [-1, 1] (H, W multiples of the token stride);
-- each reference resized by the model's rule (`psr.core.images.fit_to_grid` with
-  `model.reference_size` and the token stride, as `MultiRefFlux.prepare_reference` does),
-  [3, h_i, w_i] in [-1, 1];
+- each reference resized by the model's rule (`psr.core.images.fit_reference` with
+  `model.reference_resize`, `model.reference_size` and the token stride, as
+  `MultiRefFlux.prepare_reference` does), [3, h_i, w_i] in [-1, 1];
 - target token labels [H/s · W/s] long: 0 background, i+1 where reference i's subject
   covers the majority (≥ half) of the token's pixels (masks are disjoint after occlusion);
 - per reference, its correspondence [h_i/s · w_i/s] long: the target token each reference
@@ -19,7 +19,9 @@ so every forward is exact, works with every fused attention backend and with
 reference layout into the same batch where it can, so most batches are one group.
 
 Order: the batches of epoch e are a pure function of (seed, e), and a process's position
-is just the count of micro-batches it has consumed, so resuming needs only the step.
+is just the count of micro-batches it has consumed, so resuming needs only the step. A
+micro-batch is global: `batch_size` × processes rows, cut into one slice per process, so
+the same rows meet in one optimizer step whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ class TrainRows(torch.utils.data.Dataset):
     `max_references` references) are skipped and added to `dataset.report`.
     """
 
-    def __init__(self, dataset: SynthDataset, token_stride: int, reference_size: int, max_references: int):
+    def __init__(self, dataset: SynthDataset, token_stride: int, reference_size: int, max_references: int,
+                 reference_resize: str = "longest"):
         self.dataset = dataset
         self.stride = token_stride
         self.reference_size = reference_size
+        self.reference_resize = reference_resize
         kept = []
         for row in dataset.rows:
             h, w = row["size"]
@@ -108,7 +112,7 @@ class TrainRows(torch.utils.data.Dataset):
         return len(self.dataset.rows)
 
     def reference_grid(self, width: int, height: int) -> tuple[int, int]:
-        w, h = imgs.fit_size(width, height, self.reference_size, self.stride)
+        w, h = imgs.reference_fit_size(width, height, self.reference_resize, self.reference_size, self.stride)
         return h // self.stride, w // self.stride
 
     def layout_keys(self) -> list[tuple]:
@@ -132,7 +136,7 @@ class TrainRows(torch.utils.data.Dataset):
         target = torch.from_numpy(item["target"].astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         refs, grids = [], []
         for array in item["references"]:
-            image = imgs.fit_to_grid(Image.fromarray(array), self.reference_size, s)
+            image = imgs.fit_reference(Image.fromarray(array), self.reference_resize, self.reference_size, s)
             refs.append(imgs.to_tensor(image)[0])
             grids.append((image.height // s, image.width // s))
         subjects = row["subjects"]
@@ -231,16 +235,17 @@ def epoch_batches(keys: list[tuple], batch_size: int, seed: int, epoch: int) -> 
 class ResumableBatchSampler:
     """Infinite batch sampler for one process, starting at micro-batch `start`.
 
-    Epoch e's batches (`epoch_batches`) are dealt round-robin to `world` processes, each
-    taking the same number; process `rank` yields its k-th batch of epoch e at position
-    e·per_rank + k.
+    Epoch e's global batches (`epoch_batches` of batch_size·world rows) are cut into `world`
+    consecutive slices of `batch_size` rows, and process `rank` takes slice `rank` of each:
+    its k-th batch of epoch e, at position e·per_rank + k. So the rows of a global batch do
+    not depend on how many processes share it (one process takes whole batches).
     """
 
     def __init__(self, keys: list[tuple], batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  start: int = 0):
         self.keys, self.batch_size, self.seed = keys, batch_size, seed
         self.rank, self.world, self.start = rank, world, start
-        self.per_rank = len(epoch_batches(keys, batch_size, seed, 0)) // world
+        self.per_rank = len(epoch_batches(keys, batch_size * world, seed, 0))
         if self.per_rank == 0:
             raise UserError(f"dataset: {len(keys)} usable rows give no full batch of train.batch_size="
                             f"{batch_size} per process on {world} process(es) (rows of one target size "
@@ -257,7 +262,8 @@ class ResumableBatchSampler:
             e, k = self.position(position)
             if e != epoch:
                 epoch = e
-                cached = epoch_batches(self.keys, self.batch_size, self.seed, e)[self.rank::self.world][:self.per_rank]
+                size, first = self.batch_size, self.rank * self.batch_size
+                cached = [b[first:first + size] for b in epoch_batches(self.keys, size * self.world, self.seed, e)]
             yield cached[k]
             position += 1
 

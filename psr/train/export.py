@@ -4,7 +4,8 @@ Final export (`out/final/`, written into `out/.tmp-final` and renamed):
 - full fine-tune (adapter.kind = "none"): a complete diffusers FLUX folder
   (`save_components`) that the `embedded` preset (`model.path = out/final`) and
   `FluxPipeline.from_pretrained` load, plus `psr_model.json` (trained = true, step);
-- LoRA: `pytorch_lora_weights.safetensors` (`FluxPipeline.load_lora_weights` reads it);
+- LoRA: `pytorch_lora_weights.safetensors` (alpha/rank folded into lora_B, so diffusers'
+  and peft's loaders all read it at the trained strength; see `psr.core.lora`);
 - MoE-LoRA: `moe_lora.safetensors` (`psr.core.lora.load_moe_lora`; routed experts have
   no diffusers format and cannot be merged).
 The EMA weights are exported when EMA is on.
@@ -35,13 +36,18 @@ INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters")
 
 
 def _model_card(step: int, recipe_hash: str, ema: bool, kind: str, base_path: str | None,
-                started_from: str | None = None) -> dict:
+                started_from: str | None = None, reference_mode: str = "joint",
+                frozen_below: list[str] | None = None) -> dict:
     what = {"none": "full fine-tune", "lora": "LoRA", "moe_lora": "MoE-LoRA"}[kind]
     card = {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
             "recipe_hash": recipe_hash, "ema": ema}
+    if reference_mode != "joint":  # a reader of the weights should run them as they were trained
+        card["reference_mode"] = reference_mode
     if started_from:  # `step` counts this run only; the weights it started from come first
         card["started_from"] = started_from
         card["note"] += f" of a run started from {started_from}"
+    if frozen_below:  # loading this export loads them first (psr.core.weights)
+        card["frozen_below"] = list(frozen_below)
     base = Path(base_path) / "psr_model.json" if base_path else None
     if base is not None and base.is_file():
         import json
@@ -85,12 +91,13 @@ def write_export(components, kind: str, folder: Path, card: dict, merge: bool = 
     return folder
 
 
-def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash: str) -> Path:
+def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash: str,
+                 frozen_below: list[str] | None = None) -> Path:
     """The end-of-run export from the live model (EMA weights swapped in when on)."""
     import contextlib
 
     card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind, recipe.model.path,
-                       recipe.model.weights)
+                       recipe.model.weights, recipe.model.reference_mode, frozen_below)
     with ema.applied() if ema is not None else contextlib.nullcontext():
         if recipe.adapter.kind == "none":
             # Saved in the model's dtype, like the checkpoint it came from.
@@ -141,7 +148,8 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
     if components.transformer.dtype != torch_dtype(recipe.model.dtype):
         components.transformer.to(torch_dtype(recipe.model.dtype))
     card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind,
-                       recipe.model.path, recipe.model.weights)
+                       recipe.model.path, recipe.model.weights, recipe.model.reference_mode,
+                       state.get("frozen_below"))
     card["merged"] = bool(merge)
     if dtype is not None:
         card["dtype"] = dtype

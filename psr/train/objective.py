@@ -7,8 +7,10 @@ logit-normal, σ = sigmoid(N(mean, std²)), then shifted as the checkpoint's sch
 config shifts sampling sigmas for this many target tokens, so training sees the noise
 levels sampling visits. The transformer is told σ itself as its timestep, as the sampler does.
 
-Every random draw of a micro-step comes from one CPU generator seeded by (seed, step,
-micro-step, process), so a resumed run draws exactly what an uninterrupted one would.
+Every random draw of a sample (its dropout, σ and noise) comes from its own CPU generator
+seeded by (seed, step, micro-step, the sample's index in the global micro-batch), so a
+resumed run draws exactly what an uninterrupted one would, and a global batch draws the same
+whether one process or several share it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from psr.core.packing import pack
 from psr.core.positions import grid_ids, reference_ids
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The CPU generator of one micro-step of one process."""
-    state = np.random.SeedSequence([seed, step, micro, rank, 0x7EA1]).generate_state(2, np.uint32)
+def step_generator(seed: int, step: int, micro: int, sample: int) -> torch.Generator:
+    """The CPU generator of one sample of a micro-step; `sample` is its index in the global
+    micro-batch (process rank's row i is rank·batch_size + i)."""
+    state = np.random.SeedSequence([seed, step, micro, sample, 0x7EA1]).generate_state(2, np.uint32)
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -59,15 +59,29 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self):
-        """Swap the EMA weights into the model for the `with` block, then restore the
-        training weights exactly (copies, not arithmetic)."""
-        saved = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(self.shadow[name])
+        """The EMA weights in the model for the `with` block, then the training weights again,
+        exactly. No copy of the weights is made: each parameter's data is pointed at its
+        shadow tensor (same dtype, shape and device, as psr's float32 trainable weights are)
+        and pointed back afterwards; a parameter of another dtype is copied alone. The
+        shadow tensors are the model's weights during the block, so `update` waits until
+        after it; a block that replaces a parameter's data (`module.to(dtype)`) leaves the
+        EMA as it was."""
+        held: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}
         try:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    shadow = self.shadow[name]
+                    if (shadow.dtype, shadow.shape, shadow.device) == (param.dtype, param.shape, param.device):
+                        held[name] = param.data
+                        param.data = shadow
+                    else:
+                        kept[name] = param.detach().clone()
+                        param.copy_(shadow)
             yield
         finally:
             with torch.no_grad():
-                for name, param in self.params.items():
-                    param.copy_(saved[name])
+                for name, data in held.items():
+                    self.params[name].data = data
+                for name, data in kept.items():
+                    self.params[name].copy_(data)

@@ -17,7 +17,7 @@ from psr import toyworld as tw
 from psr.core import images as imgs
 from psr.core.attention import TokenLayout
 from psr.core.lora import lora_token_mask
-from psr.core.model import Guidance, MultiRefFlux
+from psr.core.model import Guidance, MultiRefFlux, ReferenceCache
 from psr.core.sampler import euler_sample, flux_schedule
 from psr.train.data import open_dataset
 
@@ -62,7 +62,8 @@ def generate_one(model: MultiRefFlux, prompt: str, references: list[Image.Image]
         mask = TokenLayout.for_velocity(text.embeds.shape[1], grid, branch_refs.grids).reference_mask()
         return lora_token_mask(model.transformer, mask.to(model.device))
 
-    latents = euler_sample(lambda x, t: model.guided_velocity(x, t, text, refs, grid, how, null, branch),
+    cache = ReferenceCache(model)  # cached reference mode: the references' keys and values once per branch
+    latents = euler_sample(lambda x, t: model.guided_velocity(x, t, text, refs, grid, how, null, branch, cache),
                            latents, schedule)
     return imgs.to_pil(model.decode(latents, size, size))[0]
 

@@ -54,6 +54,16 @@ def _generator_hash(recipe: EvalRecipe, mode: str) -> str:
     fields = dataclasses.asdict(model)
     if fields["weights"] is None:  # runs made before `model.weights` existed keep their hash
         del fields["weights"]
+    # Runs made before `model.reference_mode` existed were "joint": they keep their hash. The
+    # mode never touches a reconstruction.
+    if fields["reference_mode"] == "joint" or mode == "reconstruct":
+        del fields["reference_mode"]
+    # Runs made before `model.reference_resize` existed used the "longest" rule: they keep
+    # their hash, and a flux-kontext run, whose default rule changed, gets a new one. The rule
+    # never touches a reconstruction.
+    fields["reference_resize"] = recipe.model.resize_rule
+    if fields["reference_resize"] == "longest" or mode == "reconstruct":
+        del fields["reference_resize"]
     what = {"model": fields, "weights": _weights_fingerprint(recipe.model.path)}
     if recipe.model.weights:
         what["trained_weights"] = _weights_fingerprint(recipe.model.weights)
@@ -208,7 +218,8 @@ def _score(recipe: EvalRecipe, out: Path, samples: list[tuple], show_progress: b
 
 def _write_results(recipe, bench, out, mode, chosen, samples, records, generated, stats, other) -> dict:
     metrics = metric_names(recipe)
-    results = {"mode": mode, "bench": str(bench.root), "out": str(out), "metrics": metrics, "penalty": PENALTY}
+    results = {"mode": mode, "bench": str(bench.root), "out": str(out), "metrics": metrics, "penalty": PENALTY,
+               "protocol": recipe.protocol}
     results.update(report.aggregate(records, list(chosen), metrics))
     results["generated"] = generated
     results.update(stats)

@@ -70,6 +70,8 @@ def run_generate(recipe: GenerateRecipe, prompt: str, reference_paths: Sequence[
 
     model = MultiRefFlux.from_config(recipe.model)
     sample = recipe.sample
+    for note in model.notes:
+        print(f"psr: note: {note}", file=sys.stderr)
     model.check_size(sample.height, sample.width)
     if recipe.model.preset == "embedded" and (note := embedded_model_note(recipe.model.path)):
         print(f"psr: note: {note}", file=sys.stderr)

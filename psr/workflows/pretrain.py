@@ -5,7 +5,8 @@ resume), `train` (micro-steps, accumulation, clipping, EMA, logs, samples, check
 `save_checkpoint` (atomic, exactly resumable) and `cleanup`. The objective is in
 `psr.train.objective`, the data in `psr.train.data` (see docs/pretrain.md).
 
-A micro-step: draw dropout, σ and noise from the micro-step's own generator; encode the
+A micro-step: draw each row's dropout, σ and noise from that row's own generator
+(`objective.step_generator`, indexed by the row's place in the global batch); encode the
 target (and the references) with the frozen VAE and the prompts with the frozen text
 encoders; split the rows into groups that share one reference layout (rows whose
 references are dropped form a group without references); per group, one forward with the
@@ -33,6 +34,8 @@ from psr.core.model import MultiRefFlux
 from psr.core.packing import pack
 from psr.core.presets import PRESETS
 from psr.core.recipe import load_recipe, to_toml
+from psr.core.refstream import cached_references
+from psr.core.weights import frozen_count
 from psr.core.regularizers import RegBatch, active_specs, make_capture, regularizer_losses, regularizer_weight
 from psr.errors import UserError
 from psr.train import TrainingError, optim
@@ -46,6 +49,7 @@ from psr.train.config import (
 )
 from psr.train.data import ResumableBatchSampler, TrainRows, collate, open_dataset
 from psr.train.export import export_final
+from psr.train.launch import make_accelerator
 from psr.train.logs import TrainLog, check_tensorboard
 from psr.train.samples import sample_grid, sample_inputs
 
@@ -71,6 +75,8 @@ class Run:
     sample_rows: list = field(default_factory=list)
     skipped: int = 0
     loader: Any = None
+    frozen_below: list = field(default_factory=list)
+    """Weights loaded as frozen modules below the trained adapter (psr.core.weights)."""
 
 
 def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
@@ -89,14 +95,9 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
 
     import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    # A previous run in this process may have fixed another precision; the process group
-    # (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.model.device, recipe.train.mixed_precision)
     device = accelerator.device
     mp = recipe.train.mixed_precision
     if mp == "fp16" and device.type != "cuda":
@@ -109,7 +110,8 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                         "resume with the same number")
     start = state["step"]
 
-    rows = TrainRows(dataset, stride, recipe.model.reference_size, recipe.data.max_references)
+    rows = TrainRows(dataset, stride, recipe.model.reference_size, recipe.data.max_references,
+                     recipe.model.resize_rule)
     sampler = ResumableBatchSampler(rows.layout_keys(), recipe.train.batch_size, recipe.train.seed,
                                     accelerator.process_index, accelerator.num_processes,
                                     start * recipe.train.grad_accum)
@@ -125,6 +127,8 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
     for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
         frozen.requires_grad_(False).eval()
     transformer = model.transformer
+    # Weights that model.weights kept as frozen modules: this run's result needs them below it.
+    below = [str(Path(recipe.model.weights).expanduser().resolve())] if frozen_count(transformer) else []
     named = apply_adapter(transformer, recipe.adapter)
     transformer.to(device).train()
     if recipe.train.gradient_checkpointing:
@@ -172,7 +176,7 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
     return Run(recipe=recipe, out=out, accelerator=accelerator, model=model, transformer=prepared, named=named,
                optimizer=optimizer, scheduler=scheduler, ema=ema, batches=iter(loader), sampler=sampler,
                encoders=obj.Encoders(model, recipe.data.cache), log=log, digest=digest, recipe_toml=recipe_toml,
-               start=start, sample_rows=sample_rows, loader=loader)
+               start=start, sample_rows=sample_rows, loader=loader, frozen_below=below)
 
 
 def term_names(recipe: PretrainRecipe, step: int) -> list[str]:
@@ -208,18 +212,20 @@ def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout,
     return {k: v.detach() for k, v in parts.items()}, total
 
 
-def micro_step(run: Run, batch, generator, step: int, last: bool) -> dict[str, float]:
-    """Forward and backward of one micro-batch (module docstring); returns its loss terms."""
+def micro_step(run: Run, batch, generators, step: int, last: bool) -> dict[str, float]:
+    """Forward and backward of one micro-batch (module docstring; `generators`: one per row);
+    returns its loss terms."""
     import torch
 
     r, model, acc = run.recipe, run.model, run.accelerator
-    n = len(batch)
-    drop_text, drop_refs = obj.dropout_choices(generator, n, r.train.drop_text, r.train.drop_refs, r.train.drop_both)
+    drops = [obj.dropout_choices(g, 1, r.train.drop_text, r.train.drop_refs, r.train.drop_both) for g in generators]
+    drop_text, drop_refs = [t[0] for t, _ in drops], [d[0] for _, d in drops]
     x0 = pack(run.encoders.latents([(i, "target") for i in batch.indices], list(batch.target))).float()
     length = x0.shape[1]
-    sigmas = obj.sample_sigmas(generator, n, r.train.timestep_mean, r.train.timestep_std,
-                               model.components.scheduler.config, length, r.train.resolution_shift)
-    noise = torch.randn(x0.shape, generator=generator)
+    sigmas = torch.cat([obj.sample_sigmas(g, 1, r.train.timestep_mean, r.train.timestep_std,
+                                          model.components.scheduler.config, length, r.train.resolution_shift)
+                        for g in generators])
+    noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators])
     prompt = run.encoders.prompts(["" if d else p for p, d in zip(batch.prompts, drop_text)])
     guidance = r.train.guidance if model.transformer.config.guidance_embeds else None
     dtype = input_dtype(model.transformer, r.adapter.kind)
@@ -234,9 +240,12 @@ def micro_step(run: Run, batch, generator, step: int, last: bool) -> dict[str, f
         # Gradients are all-reduced once per optimizer step: at its last backward.
         sync = contextlib.nullcontext() if last and k == len(groups) - 1 else acc.no_sync(run.transformer)
         token_mask = layout.reference_mask().to(model.device)
+        # Cached mode splits the forward into reference and target streams (psr.core.refstream).
+        streams = cached_references(model.transformer, layout) if model.reference_mode == "cached" \
+            else contextlib.nullcontext()
         # Backward runs inside the capture, so checkpointed blocks recompute with its processors.
-        with sync, capture or contextlib.nullcontext(), lora_token_mask(model.transformer, token_mask):
-            with acc.autocast():
+        with sync, capture or contextlib.nullcontext(), lora_token_mask(model.transformer, token_mask), streams:
+            with acc.autocast(), model.autocast():  # the model's: bfloat16 on the CPU (MultiRefFlux.from_config)
                 pred = obj.predict(run.transformer, group, guidance)
             parts, total = group_losses(run, batch, rows, group, pred, capture, layout, step, ref_rows)
             acc.backward(total / r.train.grad_accum)
@@ -272,6 +281,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
     epoch, index = run.sampler.position(micro)
     state = {"micro_batches": micro, "epoch": epoch, "epoch_index": index, "recipe_hash": run.digest,
              "adapter": r.adapter.kind, "rows_skipped": run.skipped}
+    if run.frozen_below:
+        state["frozen_below"] = run.frozen_below
     return ckpt.save_checkpoint(run.out / "checkpoints", step, accelerator=run.accelerator,
                                 trainable={n: p for n, p in run.named},
                                 ema=run.ema.state_dict() if run.ema is not None else None,
@@ -306,8 +317,9 @@ def train(run: Run, show_progress: bool = True) -> dict[str, float]:
                 batch = next(run.batches)
                 run.skipped += batch.skipped
                 window_rows += len(batch) * acc.num_processes
-                generator = obj.step_generator(r.train.seed, step, micro, acc.process_index)
-                for key, value in micro_step(run, batch, generator, step, micro == r.train.grad_accum - 1).items():
+                first = acc.process_index * r.train.batch_size  # this process's rows in the global batch
+                generators = [obj.step_generator(r.train.seed, step, micro, first + i) for i in range(len(batch))]
+                for key, value in micro_step(run, batch, generators, step, micro == r.train.grad_accum - 1).items():
                     terms[key] += value / r.train.grad_accum
             done = step + 1
             terms = _check_finite(run, done, terms)
@@ -348,7 +360,7 @@ def finish(run: Run) -> dict:
            "checkpoint": str(ckpt.latest_checkpoint(run.out / "checkpoints"))}
     if run.accelerator.is_main_process:
         export_final(run.model, run.recipe, run.named, run.ema, run.out / "final", run.recipe.train.steps,
-                     run.digest)
+                     run.digest, frozen_below=run.frozen_below)
         run.log.note(f"done: {run.recipe.train.steps} steps; final export in {run.out / 'final'}"
                      + (f"; {run.skipped} unreadable rows skipped" if run.skipped else ""))
     run.accelerator.wait_for_everyone()

@@ -4,8 +4,8 @@ One loop in phases: `setup` (recipe, prompt source, accelerator, model, `init`, 
 optimizer, rewards, resume), `train` (steps, logs, held-out evaluation, checkpoints),
 `save_checkpoint` (atomic, exactly resumable, `psr.train.checkpoint`), `finish` (the final
 export, `psr.train.export`) and `cleanup`. A step is `grpo_step` (rollouts, rewards,
-advantages, `policy.inner_epochs` optimizer steps; psr/rl/grpo.py) or `dpo_step` (one pair
-per prompt, one optimizer step; psr/rl/dpo.py). See docs/rl.md.
+advantages, `policy.inner_epochs` × `policy.mini_batches` optimizer steps; psr/rl/grpo.py) or
+`dpo_step` (one pair per prompt, one optimizer step; psr/rl/dpo.py). See docs/rl.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from psr.core.lora import moe_aux_loss
 from psr.core.model import MultiRefFlux
 from psr.core.presets import PRESETS
 from psr.core.recipe import load_recipe, to_toml
-from psr.core.weights import load_weights
+from psr.core.weights import frozen_count, load_weights
 from psr.errors import UserError
 from psr.rewards import build_rewards
 from psr.rl import dpo, grpo
@@ -40,6 +40,7 @@ from psr.train import checkpoint as ckpt
 from psr.train import optim
 from psr.train.config import recipe_difference, training_hash
 from psr.train.export import export_final
+from psr.train.launch import make_accelerator
 from psr.train.logs import TrainLog, check_tensorboard
 from psr.train.objective import sample_sigmas
 from psr.workflows.pretrain import _check_finite
@@ -71,6 +72,10 @@ class Run:
     digest: str
     recipe_toml: str
     start: int
+    metrics: dict = dataclasses.field(default_factory=dict)
+    """Held-out evaluation metrics (`eval.metrics`): label → reward mix, never trained on."""
+    frozen_below: list = dataclasses.field(default_factory=list)
+    """Weights loaded as frozen modules below the trained adapter (psr.core.weights)."""
 
 
 def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable | None = None) -> Run:
@@ -91,12 +96,9 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
 
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
 
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=recipe.model.device == "cpu", mixed_precision=recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.model.device, recipe.train.mixed_precision)
     device = accelerator.device
     if recipe.train.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError(f"train.mixed_precision fp16: needs CUDA, this run is on {device.type}; use bf16 or no")
@@ -112,7 +114,14 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
         raise UserError(f"rollout.guidance {recipe.rollout.guidance}: this model has no guidance embedding, and "
                         "rollouts sample the unguided policy whose log-probabilities GRPO/GSPO/DPO use "
                         "(no classifier-free guidance); set rollout.guidance = 1")
+    # Weights kept as frozen modules (MoE-LoRA, reference-only LoRA) stay below the trained
+    # adapter; the result records them so that loading it brings them along.
+    below = [recipe.model.weights] if frozen_count(transformer) else []
+    count = frozen_count(transformer)
     init_note = load_weights(transformer, recipe.init, key="init") if recipe.init else None
+    if frozen_count(transformer) > count:
+        below.append(recipe.init)
+    below = [str(Path(b).expanduser().resolve()) for b in below]
     set_seed(recipe.train.seed)  # adapter initialisation; every draw of a step has its own generator
     named = apply_adapter(transformer, recipe.adapter)
     transformer.to(device).train()
@@ -126,6 +135,9 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
     needs_rewards = recipe.uses_rollouts or recipe.dpo.pairs == "self-ranked" or recipe.eval.every > 0
     if rewards is None and recipe.rewards and needs_rewards:
         rewards = build_rewards(recipe.rewards, device)
+    # Held-out metrics: one mix each, so every metric is its own column.
+    metrics = {spec.label or spec.name: build_rewards([spec], device) for spec in recipe.eval.metrics} \
+        if recipe.eval.every and accelerator.is_main_process else {}
     if latest is not None:
         saved = ckpt.load_checkpoint(latest, accelerator.process_index)
         load_trainable(named, saved["trainable"], str(latest))
@@ -158,7 +170,7 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
                policy=Policy(model, module, accelerator.autocast), named=named, optimizer=optimizer,
                scheduler=scheduler, ema=ema, source=source, eval_items=held_out,
                reward=TimedReward(rewards) if rewards is not None else None, log=log, digest=digest,
-               recipe_toml=recipe_toml, start=start)
+               recipe_toml=recipe_toml, start=start, metrics=metrics, frozen_below=below)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -190,14 +202,16 @@ def _gather(run: Run, values):
 
 
 def grpo_step(run: Run, step: int) -> dict[str, float]:
-    """Rollouts, rewards, advantages and `policy.inner_epochs` updates of one step."""
+    """Rollouts, rewards, advantages, then `policy.inner_epochs` epochs of `policy.mini_batches`
+    optimizer steps each; the logged terms are means over those optimizer steps."""
     r, acc = run.recipe, run.accelerator
     rank, seed, g = acc.process_index, r.train.seed, r.rollout.group_size
     begin, reward_before = time.perf_counter(), run.reward.seconds
     chosen = grpo.trained_steps(r.rollout, seed, step)
     indices = draw_indices(len(run.source.items), seed, step, rank, acc.num_processes, r.rollout.groups_per_step)
     run.model.transformer.eval()
-    groups = [grpo.rollout(run.policy, run.source.items[i], r.rollout, chosen, seed, step, rank, k)
+    first = rank * r.rollout.groups_per_step  # this process's groups in the step's global batch
+    groups = [grpo.rollout(run.policy, run.source.items[i], r.rollout, chosen, seed, step, first + k)
               for k, i in enumerate(indices)]
     rolled = time.perf_counter()
     result = run.reward(grpo.reward_batch(groups))
@@ -208,19 +222,25 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
     advantages = advantages[rank * local:(rank + 1) * local]
     terms = {name: _gather(run, values.float()) for name, values in result.terms.items()}
     run.model.transformer.train()
-    stats: dict[str, float] = {}
-    for _ in range(r.policy.inner_epochs):
-        epoch = grpo.update(run.policy, groups, advantages, chosen, r.objective, r.policy, r.rollout.noise_level,
-                            backward=acc.backward, sync=_sync(run), aux=_aux(run))
-        epoch = _check_finite(run, step + 1, epoch)
-        epoch["grad_norm"] = _optimizer_step(run)
-        for key, value in epoch.items():
-            stats[key] = stats.get(key, 0.0) + value / r.policy.inner_epochs
+    sums: dict[str, float] = {}
+    updates = 0
+    for epoch in range(r.policy.inner_epochs):
+        for rows in grpo.mini_batches(local, r.policy.mini_batches, seed, step, rank, epoch):
+            part = grpo.update(run.policy, groups, advantages, chosen, r.objective, r.policy, r.rollout.noise_level,
+                               rows=rows, micro_batch=r.train.micro_batch, backward=acc.backward, sync=_sync(run),
+                               aux=_aux(run))
+            part = _check_finite(run, step + 1, part)
+            part["grad_norm"] = _optimizer_step(run)
+            for key, value in part.items():
+                sums[key] = sums.get(key, 0.0) + value
+            updates += 1
+    stats = {key: value / updates for key, value in sums.items()}
+    stats["optimizer_steps"] = float(updates)
     end = time.perf_counter()
     reward_seconds = run.reward.seconds - reward_before
     return {**stats, **grpo.reward_stats(totals, terms, g),
             "rollout_images_per_s": len(totals) / max(rolled - begin, 1e-9),
-            "update_steps_per_s": r.policy.inner_epochs / max(end - scored, 1e-9),
+            "update_steps_per_s": updates / max(end - scored, 1e-9),
             "reward_time_share": reward_seconds / max(end - begin, 1e-9)}
 
 
@@ -235,13 +255,15 @@ def dpo_step(run: Run, step: int) -> dict[str, float]:
     indices = draw_indices(len(run.source.items), seed, step, rank, acc.num_processes, r.rollout.groups_per_step)
     run.model.transformer.eval()
     pairs, results = [], []
+    first = rank * r.rollout.groups_per_step  # this process's pairs in the step's global batch
+    # Seeds of the pair's global index (0 where the process index was: one-process runs draw as before).
     for k, i in enumerate(indices):
         item = run.source.items[i]
         if r.dpo.pairs == "toyworld-disrupted":
-            pairs.append(dpo.disrupted(run.policy, item, grpo.seed_of(seed, step, rank, k, PAIR),
+            pairs.append(dpo.disrupted(run.policy, item, grpo.seed_of(seed, step, 0, first + k, PAIR),
                                        r.rollout.guidance, r.dpo))
         else:
-            seeds = [grpo.seed_of(seed, step, rank, k, j, grpo.NOISE) for j in range(r.rollout.group_size)]
+            seeds = [grpo.seed_of(seed, step, 0, first + k, j, grpo.NOISE) for j in range(r.rollout.group_size)]
             pair, result = dpo.self_ranked(run.policy, item, r.rollout, seeds, run.reward, r.dpo)
             pairs.append(pair)
             results.append(result)
@@ -251,7 +273,7 @@ def dpo_step(run: Run, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     sync = _sync(run)
     for k, pair in enumerate(pairs):
-        gen = grpo.generator(seed, step, rank, k, DPO_NOISE)
+        gen = grpo.generator(seed, step, 0, first + k, DPO_NOISE)
         length = pair.x0.shape[1]
         sigma = float(sample_sigmas(gen, 1, r.dpo.timestep_mean, r.dpo.timestep_std,
                                     run.model.components.scheduler.config, length)[0])
@@ -288,6 +310,8 @@ def dpo_step(run: Run, step: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------- loop
 def save_checkpoint(run: Run, step: int) -> Path:
     state = {"recipe_hash": run.digest, "objective": run.recipe.objective, "adapter": run.recipe.adapter.kind}
+    if run.frozen_below:
+        state["frozen_below"] = run.frozen_below
     return ckpt.save_checkpoint(run.out / "checkpoints", step, accelerator=run.accelerator,
                                 trainable={n: p for n, p in run.named},
                                 ema=run.ema.state_dict() if run.ema is not None else None,
@@ -301,7 +325,7 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     if run.accelerator.is_main_process:
         with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
             values = evaluate(run.model, run.eval_items, run.reward, run.recipe.eval, run.accelerator.autocast,
-                              run.out / "eval", step)
+                              run.out / "eval", step, run.metrics)
         run.log.write(step, values)
     run.accelerator.wait_for_everyone()
     return values
@@ -350,11 +374,15 @@ def finish(run: Run) -> dict:
     if run.accelerator.is_main_process:
         folder = export_final(run.model, r, run.named, run.ema, run.out / "final", r.train.steps, run.digest)
         card = "psr_model.json" if r.adapter.kind == "none" else "psr_lora.json"
-        write_json_atomic(folder / card, {"trained": True, "note": f"psr rl ({r.objective}), step {r.train.steps}",
-                                          "step": r.train.steps, "recipe_hash": run.digest,
-                                          "ema": run.ema is not None, "objective": r.objective, "init": r.init})
+        info = {"trained": True, "note": f"psr rl ({r.objective}), step {r.train.steps}", "step": r.train.steps,
+                "recipe_hash": run.digest, "ema": run.ema is not None, "objective": r.objective, "init": r.init}
+        if run.frozen_below:
+            info["frozen_below"] = run.frozen_below
+        write_json_atomic(folder / card, info)
+        merged = r.init and str(Path(r.init).expanduser().resolve()) not in run.frozen_below
         run.log.note(f"done: {r.train.steps} steps; final export in {folder}"
-                     + (f" (an adapter on top of the merged init {r.init})" if r.init else ""))
+                     + (f" (an adapter on top of the merged init {r.init})" if merged else "")
+                     + (f" (loading it loads {', '.join(run.frozen_below)} below it)" if run.frozen_below else ""))
     run.accelerator.wait_for_everyone()
     return out
 

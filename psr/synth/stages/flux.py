@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 from psr.core.model import MultiRefFlux
 from psr.core.presets import PRESETS
 from psr.core.recipe import _suggest
-from psr.core.schema import ModelConfig
+from psr.core.schema import ModelConfig, resolve_model
 from psr.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,17 +43,16 @@ EDIT_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
 # ---------------------------------------------------------------------------- FLUX stages
 def load_flux(device, *, preset: str, path: str | None = None, dtype: str | None = None, init_seed: int = 0,
               cpu_offload: bool = False, attention_backend: str | None = None,
-              reference_size: int | None = None, max_sequence_length: int | None = None):
+              reference_size: int | None = None, max_sequence_length: int | None = None,
+              reference_resize: str | None = None):
     """(MultiRefFlux, Preset) from ModelConfig-like options; None takes the preset's value."""
     if preset not in PRESETS:
         raise UserError(f"preset {preset!r}: unknown{_suggest(preset, PRESETS)}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    config = ModelConfig(
-        preset=preset, path=path or p.default_path, dtype=dtype or p.dtype, device=str(device),
-        cpu_offload=cpu_offload, attention_backend=attention_backend,
-        reference_size=reference_size or p.reference_size,
-        max_sequence_length=max_sequence_length or p.max_sequence_length, init_seed=init_seed)
-    return MultiRefFlux.from_config(config), p
+    config = resolve_model(ModelConfig(
+        preset=preset, path=path, dtype=dtype, device=str(device), cpu_offload=cpu_offload,
+        attention_backend=attention_backend, reference_size=reference_size, reference_resize=reference_resize,
+        max_sequence_length=max_sequence_length, init_seed=init_seed))
+    return MultiRefFlux.from_config(config), PRESETS[preset]
 
 
 def _flux_model(device, model, preset, **load_options):
@@ -83,12 +82,13 @@ class FluxTarget:
 def _flux_target(device="cpu", *, preset: str = "flux-dev", path: str | None = None, dtype: str | None = None,
                  init_seed: int = 0, cpu_offload: bool = False, attention_backend: str | None = None,
                  reference_size: int | None = None, max_sequence_length: int | None = None,
-                 height: int | None = None, width: int | None = None, steps: int | None = None,
-                 guidance: float | None = None, model=None) -> FluxTarget:
+                 reference_resize: str | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, model=None) -> FluxTarget:
     """`model`: an already built MultiRefFlux to use instead of loading one (shared between stages)."""
     model, p = _flux_model(device, model, preset, path=path, dtype=dtype, init_seed=init_seed,
                            cpu_offload=cpu_offload, attention_backend=attention_backend,
-                           reference_size=reference_size, max_sequence_length=max_sequence_length)
+                           reference_size=reference_size, max_sequence_length=max_sequence_length,
+                           reference_resize=reference_resize)
     return FluxTarget(model, height=height or p.size, width=width or p.size, steps=steps or p.steps,
                       guidance=p.guidance if guidance is None else guidance)
 
@@ -118,13 +118,15 @@ class KontextPersonalize:
 def _kontext_personalize(device="cpu", *, preset: str = "flux-kontext", path: str | None = None,
                          dtype: str | None = None, init_seed: int = 0, cpu_offload: bool = False,
                          attention_backend: str | None = None, reference_size: int | None = None,
-                         max_sequence_length: int | None = None, size: int | None = None,
+                         max_sequence_length: int | None = None, reference_resize: str | None = None,
+                         size: int | None = None,
                          steps: int | None = None, guidance: float | None = None,
                          template: str = PERSONALIZE_TEMPLATE, model=None) -> KontextPersonalize:
     """`size`: side of the square reference in pixels (default: the preset's reference size)."""
     model, p = _flux_model(device, model, preset, path=path, dtype=dtype, init_seed=init_seed,
                            cpu_offload=cpu_offload, attention_backend=attention_backend,
-                           reference_size=reference_size, max_sequence_length=max_sequence_length)
+                           reference_size=reference_size, max_sequence_length=max_sequence_length,
+                           reference_resize=reference_resize)
     return KontextPersonalize(model, size=size or p.reference_size, steps=steps or p.steps,
                               guidance=p.guidance if guidance is None else guidance, template=template)
 
@@ -187,7 +189,8 @@ class KontextEdit:
 def _kontext_edit(device="cpu", *, preset: str = "flux-kontext", path: str | None = None,
                   dtype: str | None = None, init_seed: int = 0, cpu_offload: bool = False,
                   attention_backend: str | None = None, reference_size: int | None = None,
-                  max_sequence_length: int | None = None, kinds: Sequence[str] = tuple(EDIT_TEMPLATES),
+                  max_sequence_length: int | None = None, reference_resize: str | None = None,
+                  kinds: Sequence[str] = tuple(EDIT_TEMPLATES),
                   rate: float = 1.0, steps: int | None = None, guidance: float | None = None,
                   model=None) -> KontextEdit:
     """`kinds`: which EDIT_TEMPLATES kinds to draw from; `rate`: share of samples edited."""
@@ -198,6 +201,7 @@ def _kontext_edit(device="cpu", *, preset: str = "flux-kontext", path: str | Non
         raise UserError(f"edit.rate {rate}: must be in [0, 1]")
     model, p = _flux_model(device, model, preset, path=path, dtype=dtype, init_seed=init_seed,
                            cpu_offload=cpu_offload, attention_backend=attention_backend,
-                           reference_size=reference_size, max_sequence_length=max_sequence_length)
+                           reference_size=reference_size, max_sequence_length=max_sequence_length,
+                           reference_resize=reference_resize)
     return KontextEdit(model, kinds=kinds, rate=rate, steps=steps or p.steps,
                        guidance=p.guidance if guidance is None else guidance)
