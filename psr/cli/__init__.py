@@ -27,8 +27,9 @@ app = typer.Typer(
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="TOML recipe (default: built-in).")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
-    "--weights", help="Trained weights on top of the model: a pretrain/rl checkpoint or final/ folder, or a LoRA "
-                      "file (sets model.weights).")]
+    "--weights", help="Trained weights on top of the model: a pretrain/rl checkpoint or final/ folder, a LoRA file "
+                      "(psr's, diffusers' or kohya's; merged) or a MoE-LoRA file (kept as modules); sets "
+                      "model.weights.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe key: --set sample.steps=8 (value parsed as TOML).")]
 
