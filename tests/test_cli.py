@@ -188,3 +188,11 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(psr.fit.loop, "run_fit", interrupted)
     assert main(["fit", "--recipe", str(ROOT / "recipes" / "fit-toy-vae.toml"), "--out", str(tmp_path / "vae")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "psr: interrupted"
+
+
+def test_no_command_is_one_line_naming_what_is_missing(capsys):
+    from psr.cli import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "psr: error: no command given; choose one of the commands listed above"

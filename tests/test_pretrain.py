@@ -456,3 +456,20 @@ def test_one_step_in_cached_reference_mode(toy_data, tmp_path, monkeypatch, one_
                                                                weights=str(out / "final"))))
     assert joint.notes == [f"{out / 'final'} was trained with model.reference_mode = 'cached', this run uses "
                            "'joint'; set model.reference_mode = 'cached' to run it as trained"]
+
+
+def test_a_torn_log_line_is_dropped_on_resume(tmp_path):
+    # A full disk or a kill mid-write leaves half a JSON line; resuming keeps the complete
+    # lines up to the checkpoint's step and says what it dropped.
+    from psr.train.logs import TrainLog
+
+    (tmp_path / "log.jsonl").write_bytes(b'{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+                                         b'{"step": 3, "loss": 0.3}\n{"step": 4, "lo\xff')
+    said = []
+    log = TrainLog(tmp_path, tensorboard=False, resume_step=2, total_steps=5, echo=said.append)
+    log.write(3, {"loss": 0.25})
+    log.close()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[-1])["loss"] == 0.25
+    assert said[0] == "psr: log.jsonl: dropped 1 damaged line(s); the checkpoint holds the state"

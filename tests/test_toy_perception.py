@@ -79,9 +79,13 @@ def test_identity_patch_features_and_no_text_tower(encoder, rgb_image):
         encoder.embed_texts(["a star"])
 
 
-def test_topk_counts_ties_in_favour_of_the_query():
+def test_topk_counts_ties_and_nan_as_misses():
     sim = np.array([[0.9, 0.1, 0.2], [0.5, 0.4, 0.3], [0.2, 0.8, 0.8]])
-    assert topk(sim, ks=(1, 2)) == {"top1": round(2 / 3, 4), "top2": 1.0}
+    assert topk(sim, ks=(1, 2)) == {"top1": round(1 / 3, 4), "top2": 1.0}   # row 2 ties: not a top-1 hit
+    # An encoder whose weights went NaN, or one that maps everything to one point, finds nothing.
+    assert topk(np.full((4, 4), np.nan)) == {"top1": 0.0, "top5": 0.0}
+    assert topk(np.ones((4, 4)), ks=(1, 2)) == {"top1": 0.0, "top2": 0.0}
+    assert topk(np.eye(3)) == {"top1": 1.0, "top5": 1.0}
 
 
 # ---------------------------------------------------------------------------- localizer

@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as err:  # usage errors: bad flag, missing argument, bad value
         message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if not message.strip():  # `psr` alone: the help is printed, with an empty usage error
+            message = "no command given; choose one of the commands listed above"
         print(f"psr: error: {' '.join(message.split(chr(10)))}", file=sys.stderr)
         return 2
     if isinstance(status, int) and not isinstance(status, bool) and status:

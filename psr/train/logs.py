@@ -35,9 +35,20 @@ class TrainLog:
         self.total = total_steps
         self.echo = echo
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept, torn = [], 0
+            for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a write cut short (a full disk, a kill mid-line)
+                    torn += 1
+                    continue
+                if isinstance(entry, dict) and entry.get("step", 0) <= resume_step:
+                    kept.append(line)
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            if torn:
+                echo(f"psr: log.jsonl: dropped {torn} damaged line(s); the checkpoint holds the state")
         self.file = self.path.open("a", encoding="utf-8")
         self.writer = None
         if tensorboard:

@@ -76,8 +76,14 @@ def _crops(renders, condition: str, pad: float, seed: int) -> list["Image.Image"
 
 def topk(similarity: np.ndarray, ks=(1, 5)) -> dict[str, float]:
     """similarity [Q, G] with query i's match at gallery i → {"top1": ..., "top5": ...}."""
+    similarity = np.asarray(similarity, dtype=np.float64)
     own = np.diag(similarity)[:, None]
-    rank = (similarity > own).sum(1)  # gallery entries strictly better than the right one
+    # Other gallery entries at least as close as the right one: a tie is not a hit (a
+    # collapsed encoder that maps everything to one point must score 0, not 1), and a NaN
+    # similarity to the right entry never counts as found.
+    others = ~np.eye(*similarity.shape, dtype=bool)
+    rank = ((similarity >= own) & others).sum(1).astype(np.float64)
+    rank[np.isnan(own[:, 0])] = np.inf
     return {f"top{k}": round(float((rank < k).mean()), 4) for k in ks}
 
 
