@@ -473,3 +473,37 @@ def test_a_torn_log_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[-1])["loss"] == 0.25
     assert said[0] == "psr: log.jsonl: dropped 1 damaged line(s); the checkpoint holds the state"
+
+
+def _fake_checkpoint(root, step, digest="h"):
+    from safetensors.torch import save_file
+
+    folder = root / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.full((4,), float(step))}, str(folder / "trainable.safetensors"))
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    (folder / "state.json").write_text(json.dumps({"step": step, "recipe_hash": digest}))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage state", "truncated optimizer"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
+    from psr.train.checkpoint import resumable_checkpoint
+
+    _fake_checkpoint(tmp_path, 100)
+    newest = _fake_checkpoint(tmp_path, 200)
+    if damage == "truncated weights":
+        data = (newest / "trainable.safetensors").read_bytes()
+        (newest / "trainable.safetensors").write_bytes(data[:20])
+    elif damage == "garbage state":
+        (newest / "state.json").write_text("{not json")
+    else:
+        data = (newest / "optimizer.pt").read_bytes()
+        (newest / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    latest, state = resumable_checkpoint(tmp_path, "h", True, lambda c: "")
+    assert latest.name == "step_000100" and state["step"] == 100
+    assert "checkpoint step_000200 is damaged" in capsys.readouterr().err
+    # An intact newest checkpoint is taken as before.
+    intact = _fake_checkpoint(tmp_path, 300)
+    assert resumable_checkpoint(tmp_path, "h", True, lambda c: "")[0] == intact

@@ -1,5 +1,6 @@
 """Recipes: TOML → frozen dataclasses, with errors that name the key path."""
 
+import re
 from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -199,3 +200,17 @@ def test_every_shipped_recipe_validates_and_starts_with_its_launch_command():
         assert kind in RECIPE_KINDS
         load_recipe(kind, str(path))
         assert f"psr {kind}" in first, f"{path.name} launch line does not run `psr {kind}`"
+
+
+@pytest.mark.parametrize("kind, override, key", [
+    ("pretrain", "train.eps=inf", "train.eps"),
+    ("pretrain", "train.timestep_std=inf", "train.timestep_std"),
+    ("pretrain", "train.lr=nan", "train.lr"),
+    ("synth", "toyworld.subject_weights=[inf, 1.0]", "toyworld.subject_weights[0]"),
+    ("fit", "lr=-inf", "lr"),
+    ("generate", "sample.guidance=inf", "sample.guidance"),
+])
+def test_non_finite_numbers_are_refused_at_validation(kind, override, key):
+    # TOML can write inf and nan; they used to train NaN weights or nothing at all, with exit 0.
+    with pytest.raises(RecipeError, match=rf"^{re.escape(key)}: expected a finite number"):
+        load_recipe(kind, overrides=[override])

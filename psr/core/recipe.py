@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -103,6 +104,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         raise RecipeError(path, f"expected an integer, got {_describe(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML has inf and nan; no recipe number means either, and one would only
+            # surface as NaN weights or a silent no-op long after the run started.
+            if not math.isfinite(value):
+                raise RecipeError(path, f"expected a finite number, got {value!r}")
             return float(value)
         raise RecipeError(path, f"expected a number, got {_describe(value)}")
     if hint is str:

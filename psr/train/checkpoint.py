@@ -24,11 +24,14 @@ import os
 import random
 import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from psr.core.io import write_json_atomic, write_text_atomic
 from psr.core.weights import STATE, load_tensors  # noqa: F401 (the checkpoint layout)
@@ -65,10 +68,17 @@ def resumable_checkpoint(out: Path, digest: str, resume: bool,
     there is none), after the checks every resumable trainer makes: a folder that holds a
     run needs `--resume`, and a resume needs the recipe that wrote it (`digest`);
     `changed_at(checkpoint)` names the first recipe key that differs."""
-    latest = latest_checkpoint(out / "checkpoints")
+    latest, state = None, None
+    for _, folder in reversed(complete_checkpoints(out / "checkpoints")):
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            latest, state = folder, read_state(folder)
+            break
+        # A checkpoint cut short (a full disk, a killed copy) is skipped, not fatal: the one
+        # before it is complete, and training redoes the steps in between exactly.
+        print(f"psr: checkpoint {folder.name} is damaged ({damage}); using the one before it", file=sys.stderr)
     if latest is None:
         return None, {"step": 0}
-    state = read_state(latest)
     if not resume:
         raise UserError(f"out {out}: holds checkpoints up to {latest.name}; pass --resume to continue that run, "
                         "or choose another --out")
@@ -76,6 +86,33 @@ def resumable_checkpoint(out: Path, digest: str, resume: bool,
         raise UserError(f"--resume: the recipe differs from the one of {latest} at "
                         f"{changed_at(latest)}; resume with the same recipe or use another --out")
     return latest, state
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a finished-looking checkpoint folder cannot be read back, or None. Cheap checks
+    only: state.json parses, the safetensors headers and the torch zip directories (at the
+    end of each file, so a truncated file fails) are readable."""
+    try:
+        state = read_state(folder)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{STATE}: {err.__class__.__name__}"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE}: no step"
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        path = folder / name
+        if name == "trainable.safetensors" or path.exists():
+            try:
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            except Exception as err:  # safetensors raises its own error types for a bad header
+                return f"{name}: {str(err).splitlines()[0] if str(err) else err.__class__.__name__}"
+    for path in [folder / "scheduler.pt", folder / "optimizer.pt", *folder.glob("rng_*.pt")]:
+        if path.name == "scheduler.pt" or path.exists():
+            try:
+                zipfile.ZipFile(path).close()
+            except (OSError, zipfile.BadZipFile) as err:
+                return f"{path.name}: {err.__class__.__name__}"
+    return None
 
 
 def remove_stale(root: str | Path) -> int:
