@@ -1,4 +1,6 @@
-"""Test doubles for the reward components, shared by the RL tests."""
+"""Test doubles shared by the training tests: reward components, and a kill after a checkpoint."""
+
+import contextlib
 
 import numpy as np
 import torch
@@ -22,3 +24,20 @@ class MeanColour:
 
     def embed_texts(self, texts):
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def killed_after_first_checkpoint(monkeypatch, workflow):
+    """Inside the block, `workflow.save_checkpoint` writes its checkpoint and then raises
+    KeyboardInterrupt, as a kill right after the first checkpoint would; restored after."""
+    real = workflow.save_checkpoint
+
+    def save_then_die(run, step):
+        real(run, step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "save_checkpoint", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(workflow, "save_checkpoint", real)

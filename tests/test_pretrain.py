@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from doubles import killed_after_first_checkpoint
 
 from psr.cli import main
 from psr.cli.recipes import load_recipe
@@ -202,15 +203,8 @@ def test_resume_continues_bit_identically(toy_data, tmp_path, monkeypatch, one_t
                 "adapter.kind=lora", "adapter.rank=4", "adapter.dropout=0.2", "train.lr=1e-2"]
     _train(toy_data, tmp_path / "straight", *settings)
 
-    real = pretrain.save_checkpoint
-
-    def killed_after_first_checkpoint(run, step):
-        real(run, step)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(pretrain, "save_checkpoint", killed_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_checkpoint(monkeypatch, pretrain), pytest.raises(KeyboardInterrupt):
         _train(toy_data, tmp_path / "resumed", *settings)
-    monkeypatch.setattr(pretrain, "save_checkpoint", real)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     (checkpoints / ".tmp-step_000004").mkdir()              # a kill while writing the next one
     _train(toy_data, tmp_path / "resumed", *settings, resume=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from doubles import MeanColour, WholeImage, killed_after_first_checkpoint
 
 from psr.cli import main
 from psr.cli.recipes import load_recipe
 from psr.errors import RecipeError
 from psr.train import checkpoint as ckpt
-from doubles import MeanColour, WholeImage
 
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"
@@ -180,16 +180,9 @@ def test_gspo_run_is_finite_and_moves_every_lora_weight(gspo_run):
 def test_resume_continues_bit_identically(gspo_run, data, reward, tmp_path, monkeypatch):
     from psr.workflows import rl
 
-    real = rl.save_checkpoint
-
-    def killed_after_first_checkpoint(run, step):
-        real(run, step)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(rl, "save_checkpoint", killed_after_first_checkpoint)
     args = (GSPO[0], tmp_path / "run", f"data.path={data['toy']!r}", *GSPO[1:])
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_checkpoint(monkeypatch, rl), pytest.raises(KeyboardInterrupt):
         _run(*args, reward=reward)
-    monkeypatch.setattr(rl, "save_checkpoint", real)
     _run(*args, reward=reward, resume=True)
     a = ckpt.load_checkpoint(gspo_run[0] / "checkpoints" / "step_000002")
     b = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")
@@ -206,15 +199,8 @@ def test_resume_with_mini_batches_continues_bit_identically(data, reward, tmp_pa
 
     args = (GSPO[0], f"data.path={data['toy']!r}", *GSPO[1:], "policy.mini_batches=2", "train.micro_batch=1")
     _run(args[0], tmp_path / "straight", *args[1:], reward=reward)
-    real = rl.save_checkpoint
-
-    def killed_after_first_checkpoint(run, step):
-        real(run, step)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(rl, "save_checkpoint", killed_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_first_checkpoint(monkeypatch, rl), pytest.raises(KeyboardInterrupt):
         _run(args[0], tmp_path / "run", *args[1:], reward=reward)
-    monkeypatch.setattr(rl, "save_checkpoint", real)
     _run(args[0], tmp_path / "run", *args[1:], reward=reward, resume=True)
     a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_000002")
     b = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002")

@@ -197,7 +197,41 @@ def _slice_rows(query: torch.Tensor, key: torch.Tensor, keep: slice | None, chun
 
 
 # ---------------------------------------------------------------------- processor
-class CaptureProcessor:
+class FluxProcessorStandIn:
+    """What psr's processors that stand in for a block's `FluxAttnProcessor` share: the
+    block's name, the original processor, and its attention backend (the dispatcher reads
+    these, and `set_attention_backend` sets them), so the model's backend is kept."""
+
+    def __init__(self, block: str, original):
+        self.block = block
+        self.original = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+
+def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Query, key and value [B, L, H, D] as `FluxAttnProcessor` builds them: diffusers' own
+    projections, the q/k norms, the text tokens first in a double-stream block, then rope."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value, t_query, t_key, t_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+        t_query = attn.norm_added_q(t_query.unflatten(-1, (-1, attn.head_dim)))
+        t_key = attn.norm_added_k(t_key.unflatten(-1, (-1, attn.head_dim)))
+        query = torch.cat([t_query, query], dim=1)
+        key = torch.cat([t_key, key], dim=1)
+        value = torch.cat([t_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+class CaptureProcessor(FluxProcessorStandIn):
     """A drop-in for diffusers' `FluxAttnProcessor` that also records attention slices.
 
     The block output follows the same steps as `FluxAttnProcessor` (and the same attention
@@ -206,42 +240,15 @@ class CaptureProcessor:
     """
 
     def __init__(self, capture: AttentionCapture, block: str, original):
+        super().__init__(block, original)
         self.capture = capture
-        self.block = block
-        self.original = original
-        # The dispatcher reads these: keep whatever backend the model was set to.
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if attention_mask is not None:
             raise ValueError(f"attention capture in {self.block}: attention masks are not supported")
-        text = encoder_hidden_states if attn.added_kv_proj_dim is not None else None
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, L, H, D]
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if text is not None:
-            if attn.fused_projections:
-                t_query, t_key, t_value = attn.to_added_qkv(text).chunk(3, dim=-1)
-            else:
-                t_query, t_key, t_value = attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
-            t_query = attn.norm_added_q(t_query.unflatten(-1, (-1, attn.head_dim)))
-            t_key = attn.norm_added_k(t_key.unflatten(-1, (-1, attn.head_dim)))
-            t_value = t_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([t_query, query], dim=1)
-            key = torch.cat([t_key, key], dim=1)
-            value = torch.cat([t_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
 
         self.capture._record(self.block, query, key)
 

@@ -209,12 +209,7 @@ class GroundingDinoLocalizer(HoldsModel):
         if len(encoded["input_ids"]) > limit:
             raise UserError(f"detector: {len(queries)} queries take {len(encoded['input_ids'])} tokens, "
                             f"more than this model's {limit}; detect fewer categories at a time")
-        inputs = self.processor(images=image, text=text, return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        inputs = {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
-                  for k, v in inputs.items()}
-        with torch.no_grad():
-            out = self.model(**inputs)
+        out = self._forward(image, text)
         probs = out.logits[0].float().sigmoid().cpu()  # [Q, max_text_len]; padded positions are 0
         # Token j belongs to query q when its characters lie inside q's span.
         owner = torch.full((probs.shape[1],), -1, dtype=torch.long)
@@ -246,33 +241,39 @@ class GroundingDinoLocalizer(HoldsModel):
         period included, exceeds `threshold`; boxes in the decoder's query order, in pixels
         of `image`, not clipped; no NMS, no sorting. `image` must be RGB (the caller decides
         what a non-RGB image gets: the scripts' transform fails on one)."""
-        import torch
-
         caption = caption.lower().strip()
         caption = caption if caption.endswith(".") else caption + "."
-        inputs = self.processor(images=image, text=caption, return_tensors="pt")
+        out = self._forward(image, caption)
+        # Positions past the caption are -inf logits (probability 0), so the max over the
+        # whole row is the max over the caption's own tokens, specials included.
+        scores = out.logits[0].float().sigmoid().cpu().max(dim=1).values
+        boxes = self._pixel_boxes(out.pred_boxes[0].float().cpu(), image.width, image.height, clip=False)
+        return [Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), label=caption)
+                for i in range(len(scores)) if scores[i] > self.threshold]
+
+    def _forward(self, image: "Image.Image", text: str):
+        """The model's output for one image and one caption (inputs on the model's device,
+        floating inputs in its dtype), without gradients."""
+        import torch
+
+        inputs = self.processor(images=image, text=text, return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         inputs = {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
                   for k, v in inputs.items()}
         with torch.no_grad():
-            out = self.model(**inputs)
-        # Positions past the caption are -inf logits (probability 0), so the max over the
-        # whole row is the max over the caption's own tokens, specials included.
-        scores = out.logits[0].float().sigmoid().cpu().max(dim=1).values
-        cx, cy, w, h = out.pred_boxes[0].float().cpu().unbind(-1)
-        boxes = torch.stack([(cx - w / 2) * image.width, (cy - h / 2) * image.height,
-                             (cx + w / 2) * image.width, (cy + h / 2) * image.height], dim=-1)
-        return [Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), label=caption)
-                for i in range(len(scores)) if scores[i] > self.threshold]
+            return self.model(**inputs)
 
     @staticmethod
-    def _pixel_boxes(cxcywh: "torch.Tensor", width: int, height: int) -> "torch.Tensor":
-        """Normalised (cx, cy, w, h) [Q, 4] → pixel (x0, y0, x1, y1), clipped to the image."""
+    def _pixel_boxes(cxcywh: "torch.Tensor", width: int, height: int, clip: bool = True) -> "torch.Tensor":
+        """Normalised (cx, cy, w, h) [Q, 4] → pixel (x0, y0, x1, y1), clipped to the image
+        unless `clip` is False."""
         import torch
 
         cx, cy, w, h = cxcywh.unbind(-1)
         boxes = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height,
                              (cx + w / 2) * width, (cy + h / 2) * height], dim=-1)
+        if not clip:
+            return boxes
         limits = torch.tensor([width, height, width, height], dtype=boxes.dtype)
         return torch.minimum(boxes.clamp(min=0), limits)
 

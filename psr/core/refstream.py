@@ -63,7 +63,14 @@ from dataclasses import dataclass
 
 import torch
 
-from psr.core.attention import TokenLayout, _in_backward, all_blocks, attend_and_project
+from psr.core.attention import (
+    FluxProcessorStandIn,
+    TokenLayout,
+    _in_backward,
+    all_blocks,
+    attend_and_project,
+    joint_qkv,
+)
 from psr.core.lora import is_reference_only, set_lora_token_mask
 
 _STATE = "_psr_reference_stream"
@@ -120,43 +127,21 @@ class _Recorder:
         return ReferenceKV(blocks, ref_lens)
 
 
-class ReferenceKVProcessor:
+class ReferenceKVProcessor(FluxProcessorStandIn):
     """`FluxAttnProcessor` with the reference stream's two kwargs (module docstring); without
     them it calls the block's original `FluxAttnProcessor`, so a joint-mode forward is unchanged."""
-
-    def __init__(self, block: str, original):
-        self.block = block
-        self.original = original
-        # The dispatcher reads these (and `set_attention_backend` sets them): keep the model's backend.
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                  reference_record: _Recorder | None = None, reference_kv: ReferenceKV | None = None):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
         if reference_record is None and reference_kv is None:
             self.original._attention_backend = self._attention_backend
             self.original._parallel_config = self._parallel_config
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
             raise ValueError(f"cached references in {self.block}: an attention mask cannot be combined")
-        query, key, value, t_query, t_key, t_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            t_query = attn.norm_added_q(t_query.unflatten(-1, (-1, attn.head_dim)))
-            t_key = attn.norm_added_k(t_key.unflatten(-1, (-1, attn.head_dim)))
-            query = torch.cat([t_query, query], dim=1)
-            key = torch.cat([t_key, key], dim=1)
-            value = torch.cat([t_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if reference_record is not None:
             # A reference stream has no text: these are the reference's own keys and values.
             reference_record.add(self.block, key, value)

@@ -45,12 +45,6 @@ DISTANCE_THRESHOLD = 150
 never selects (kept so `position_score` is the script's whole function)."""
 
 
-def detection_caption(category: str) -> str:
-    """Grounding DINO's caption for a category as `predict` preprocesses it."""
-    caption = category.lower().strip()
-    return caption if caption.endswith(".") else caption + "."
-
-
 def relation_from_instruction(instruction: str) -> str | None:
     """The first phrase of PSRBENCH_PHRASES (list order) that occurs in the instruction."""
     return next((phrase for phrase in PSRBENCH_PHRASES if phrase in instruction), None)
