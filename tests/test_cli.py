@@ -1,7 +1,9 @@
 """`psr` end to end through `main(argv)`: outputs, sidecars, and every bad input."""
 
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,9 @@ def _bad_inputs(tmp_path, refs):
     wrong_kind.write_text('command = "synth"\n')
     typo = tmp_path / "typo.toml"
     typo.write_text('command = "generate"\n[model]\nprest = "tiny"\n')
+    fifo = tmp_path / "fifo.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
     return {
         "missing reference": (["--ref", str(tmp_path / "nope.png"), "x"], "no such file"),
         "directory reference": (["--ref", str(tmp_path), "x"], "is a directory"),
@@ -129,6 +134,12 @@ def _bad_inputs(tmp_path, refs):
                                     "model.weights " + str(tmp_path / "run") + ": no such file or folder"),
         "weights that are not weights": (["x", "--set", f"model.weights={str(tmp_path)!r}"],
                                          "not a checkpoint (state.json), a final/ folder"),
+        "weights file that is text": (["x", "--weights", str(text)], "not a readable safetensors file"),
+        "size too large": (["x", "--size", "100000"], "sample.height: must be <= 8192 pixels"),
+        "too many steps": (["x", "--steps", "100000000000"], "sample.steps: must be <= 10000"),
+        "steps not an integer": (["x", "--steps", "1e20"], "--steps"),
+        "device as reference": (["--ref", "/dev/zero", "x"], "not a regular file"),
+        "fifo as reference": (["--ref", str(fifo), "x"], "not a regular file"),
     }
 
 
@@ -137,7 +148,8 @@ BAD_INPUTS = [
     "empty prompt", "unwritable output", "output is a file", "unknown recipe key", "unknown key by --set",
     "unknown preset", "missing recipe", "recipe of another command", "bad size", "size off the grid",
     "bad flag value", "zero steps", "bad device", "bad override", "pretrained preset without path",
-    "missing trained weights", "weights that are not weights"]
+    "missing trained weights", "weights that are not weights", "weights file that is text", "size too large",
+    "too many steps", "steps not an integer", "device as reference", "fifo as reference"]
 
 
 def test_bad_input_table_is_complete(tmp_path):
@@ -156,7 +168,102 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, refs, caps
     assert len(lines) == 1 and lines[0].startswith("psr: error: "), stderr
     assert message in lines[0]
     assert "Traceback" not in stderr and stdout == ""
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()  # checked before the folder is made, or removed again while empty
+
+
+def test_two_runs_into_one_folder_keep_both_images(tmp_path, monkeypatch, capsys):
+    # A second run starts while the first is writing its image: each must get its own
+    # number, where choosing the number after generating gave both 0000 and lost one image.
+    import psr.workflows.generate as gen
+
+    out = tmp_path / "out"
+    real_write, started = gen.write_atomic, []
+
+    def write_while_another_run_starts(path, write):
+        if not started:
+            started.append(path)
+            assert main(["generate", "a moon", "--out", str(out), "--steps", "1", "--seed", "7", "-q"]) == 0
+        return real_write(path, write)
+    monkeypatch.setattr(gen, "write_atomic", write_while_another_run_starts)
+    assert main(["generate", "a star", "--out", str(out), "--steps", "1", "-q"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["0000.json", "0000.png", "0000.recipe.toml",
+                                                     "0001.json", "0001.png", "0001.recipe.toml"]
+    prompts = {json.loads((out / f"{n}.json").read_text())["prompt"] for n in ("0000", "0001")}
+    assert prompts == {"a star", "a moon"}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_write_the_system_refuses_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch, capsys, code):
+    # A full disk or a folder made read-only while the model ran: the first image cannot be
+    # written. Root ignores file permissions, so the refusal is simulated at the rename.
+    real_replace = os.replace
+
+    def refuse_images(src, dst):
+        if str(dst).endswith(".png"):
+            raise OSError(code, os.strerror(code), str(src))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", refuse_images)
+    out = tmp_path / "out"
+    out.mkdir()
+    code_, stdout, stderr = _run(capsys, "generate", "a star", "--out", str(out), "--steps", "1", "-q")
+    assert code_ == 2 and stdout == ""
+    assert stderr == f"psr: error: cannot write {out / '0000.png'}: {os.strerror(code)}\n"
+    assert list(out.iterdir()) == []  # no image, no sidecar, no recipe, no temporary file, no reservation
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        code, _, stderr = _run(capsys, "generate", "a star", "--out", str(out), "--steps", "1", "-q")
+    finally:
+        out.chmod(0o755)
+    assert code == 2 and stderr.count("\n") == 1 and "cannot write there" in stderr
+
+
+def test_an_os_error_naming_a_file_is_one_line_and_others_keep_their_traceback(monkeypatch, capsys):
+    import psr.workflows.generate as gen
+
+    def fails(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/out/0000.json")
+    monkeypatch.setattr(gen, "run_generate", fails)
+    assert main(["generate", "x", "-q"]) == 2
+    assert capsys.readouterr().err == f"psr: error: /data/out/0000.json: {os.strerror(errno.EROFS)}\n"
+
+    def bug(*args, **kwargs):
+        raise OSError("a bug, not a file the system refused")
+    monkeypatch.setattr(gen, "run_generate", bug)
+    with pytest.raises(OSError, match="a bug"):
+        main(["generate", "x", "-q"])
+
+
+def test_quiet_also_silences_the_libraries_progress_bars(tmp_path, capsys):
+    code, _, stderr = _run(capsys, "generate", "a star", "--out", str(tmp_path / "q"), "--steps", "1", "-q")
+    assert code == 0 and "Loading" not in stderr and "%|" not in stderr, stderr
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()  # restored once the command ended
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("sample.height=60", "sample.height 60: must be a multiple of 8"),
+    ("model.preset='flux-dev'", "model.path: preset 'flux-dev' needs a local directory"),
+    ("sample.width=9000", "sample.width: must be <= 8192 pixels"),
+    ("sample.steps=100000", "sample.steps: must be <= 10000"),
+])
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_validate_refuses_what_the_command_refuses_before_loading(tmp_path, capsys, setting, message, command):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'command = "{command}"\n')
+    assert _run(capsys, "validate", str(recipe))[0] == 0
+    code, _, stderr = _run(capsys, "validate", str(recipe), "--set", setting)
+    assert code == 2 and stderr.count("\n") == 1 and message in stderr
+    if command == "generate":  # the same words as the command itself
+        code, _, stderr = _run(capsys, "generate", "x", "--out", str(tmp_path / "o"), "--set", setting, "-q")
+        assert code == 2 and message in stderr
 
 
 def test_validate(tmp_path, capsys):

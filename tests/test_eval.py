@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from psr.cli import main
+from psr.errors import UserError
 
 SUBSETS = ["Attribute", "Position", "Three"]
 
@@ -242,8 +243,7 @@ def test_bad_input_exits_2_with_one_line(case, message, bench, recipe, tmp_path,
         extra = ["--reconstruct"]
     elif case == "stamp":
         folder = bench
-        (tmp_path / "out").mkdir()
-        (tmp_path / "out" / "eval.json").write_text('{"generator": "0123456789abcdef"}')
+        _made_by_another_generator(tmp_path / "out")
     else:
         folder = bench
         extra = {"subset": ["--subsets", "Postion"], "limit": ["--limit", "0"],
@@ -253,6 +253,90 @@ def test_bad_input_exits_2_with_one_line(case, message, bench, recipe, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("psr: error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _made_by_another_generator(out):
+    """An output folder holding an image made with another model, with its recipe."""
+    (out / "images" / "Position").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(out / "images" / "Position" / "0000.png")
+    (out / "eval.json").write_text('{"generator": "0123456789abcdef"}')
+    (out / "recipe.toml").write_text("# the recipe that made the images\n")
+
+
+def test_a_refused_rerun_leaves_the_folder_and_its_recipe_as_they_were(bench, recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    _made_by_another_generator(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert _eval(recipe, bench, out) == 2
+    assert "holds images made with another model" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_mistyped_weights_path_writes_nothing_and_a_stamp_alone_does_not_block(bench, recipe, tmp_path, capsys,
+                                                                                 one_thread):
+    out = tmp_path / "out"
+    assert _eval(recipe, bench, out, "--weights", str(tmp_path / "rnu" / "final")) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not out.exists()
+    # A folder holding only the metadata of a run that failed at start (another setup's
+    # stamp and recipe, no image, no results) takes the corrected command.
+    out.mkdir()
+    (out / "eval.json").write_text('{"generator": "0123456789abcdef"}')
+    (out / "recipe.toml").write_text("# a run that failed to load its weights\n")
+    assert _eval(recipe, bench, out, "--subsets", "Position", "--limit", "1") == 0
+    assert _results(out)["generated"] == 1
+    assert json.loads((out / "eval.json").read_text())["generator"] != "0123456789abcdef"
+
+
+def test_subset_files_with_a_byte_order_mark_are_read_and_other_files_are_refused(bench, tmp_path):
+    from psr.eval.bench import load_bench
+
+    folder = tmp_path / "b"
+    shutil.copytree(bench, folder)
+    text = (folder / "Position.json").read_text(encoding="utf-8")
+    (folder / "Position.json").write_text(text, encoding="utf-8-sig")  # as some editors save it
+    assert list(load_bench(folder).subsets) == SUBSETS  # bench.json, a table, is passed over
+    assert [it.instruction for it in load_bench(folder).subsets["Position"]] == \
+        [it["instruction"] for it in json.loads(text)]
+    for name, content, message in [
+        ("Three.json", '{"items": []}', "holds a JSON object, not a list of items"),  # a subset's name
+        ("Extra.json", "[{\"instruction\": 1", "invalid JSON"),
+        ("notes.json", '"not a table"', "holds a string, not a list of items"),
+    ]:
+        bad = folder / name
+        saved = bad.read_bytes() if bad.exists() else None
+        bad.write_text(content)
+        with pytest.raises(UserError) as err:
+            load_bench(folder)
+        assert str(bad) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+        if saved is None:
+            bad.unlink()
+        else:
+            bad.write_bytes(saved)
+    (folder / "Mine.json").write_text('{"a": 1}')
+    with pytest.raises(UserError, match="Mine.json: holds a JSON object"):  # asked for by name
+        load_bench(folder, ["Mine"])
+
+
+def test_eval_write_failures_are_one_line(bench, recipe, tmp_path, monkeypatch, capsys, one_thread):
+    # The disk fills up while scoring: the results cannot be written. One line names the
+    # file and the reason; the file is not left half-written.
+    import errno
+    import os
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("results.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", full)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _eval(recipe, bench, out, "--oracle", "--subsets", "Position", "--limit", "1") == 2
+    err = capsys.readouterr().err
+    assert err == f"psr: error: cannot write {out / 'results.json'}: No space left on device\n"
+    assert not (out / "results.json").exists() and not list(out.glob(".tmp-*"))
 
 
 def test_a_failing_component_is_listed_and_penalised(bench, tmp_path, monkeypatch, one_thread):

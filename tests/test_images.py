@@ -1,5 +1,7 @@
 """Reference images: every PIL mode ends as 8-bit RGB; broken files are one-line errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,6 +81,35 @@ def _bad_file(folder, kind):
 def test_bad_files_raise_one_line_user_errors(tmp_path, kind, message):
     with pytest.raises(UserError) as err:
         load_image(_bad_file(tmp_path, kind))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _special_file(folder, kind):
+    import os
+
+    if kind == "fifo":
+        path = folder / "fifo.png"
+        os.mkfifo(path)
+        return path
+    if kind == "device":
+        if not Path("/dev/zero").exists():
+            pytest.skip("no /dev/zero here")
+        return Path("/dev/zero")
+    path = folder / "huge.png"
+    with open(path, "wb") as f:  # sparse: 300 MiB on paper, no space on disk
+        f.write(_png_bytes())
+        f.truncate(300 * 2**20)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("fifo", "not a regular file"),       # opening it would wait for a writer forever
+    ("device", "not a regular file"),     # /dev/zero would be read without end
+    ("huge", "300 MiB, more than the 256 MiB an image may have"),
+])
+def test_special_and_huge_files_are_refused_before_they_are_read(tmp_path, kind, message):
+    with pytest.raises(UserError) as err:
+        load_image(_special_file(tmp_path, kind))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

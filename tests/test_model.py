@@ -9,6 +9,7 @@ import torch
 
 from psr.core.model import MultiRefFlux
 from psr.core.sampler import flux_schedule
+from psr.errors import UserError
 
 
 def _pixels(image):
@@ -233,3 +234,39 @@ def test_cpu_offload_gives_the_same_pixels(tiny_components):
     off = MultiRefFlux(tiny_components, max_sequence_length=16)
     kwargs = dict(height=32, width=32, steps=2, guidance=3.5, seeds=[2])
     assert np.array_equal(np.asarray(on.generate("x", [], **kwargs)[0]), np.asarray(off.generate("x", [], **kwargs)[0]))
+
+
+def test_layout_scheme_comes_from_the_card_and_places_references_by_the_prompt(tiny_components, rgb_image,
+                                                                               tmp_path):
+    from psr.cli.recipes import load_recipe
+    from psr.core.components import save_components
+    from psr.core.positions import reference_ids
+    from psr.core.schema import resolve_model
+
+    folder = tmp_path / "flux"
+    save_components(tiny_components, folder)
+    table = {"2": [[0.3, 0.5, 0.5], [0.7, 0.5, 0.5]], "2:left of": [[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]],
+             "2:above": [[0.5, 0.25, 0.5], [0.5, 0.75, 0.5]]}
+    base = load_recipe("generate", overrides=[
+        "model.preset=flux-dev", f"model.path={str(folder)!r}", "model.dtype=float32", "model.device=cpu",
+        "model.max_sequence_length=32", "model.reference_size=32"]).model
+    assert resolve_model(base).position_scheme == "frame"  # no card: Kontext's ids
+    (folder / "psr_model.json").write_text(json.dumps({"trained": True, "position_scheme": "layout"}))
+    assert resolve_model(base).position_scheme == "layout"  # the weights' own scheme
+    with pytest.raises(UserError, match="needs the model's reference layout table"):
+        MultiRefFlux.from_config(resolve_model(base))
+    (folder / "psr_model.json").write_text(json.dumps({"trained": True, "position_scheme": "layout",
+                                                        "reference_layout": table}))
+    model = MultiRefFlux.from_config(resolve_model(base))
+    refs = [rgb_image(seed=1), rgb_image(seed=2)]
+    encoded = model.encode_references(refs, (4, 4), "a cat left of a dog")
+    expected = reference_ids((4, 4), [(4, 4), (4, 4)], "layout", boxes=[(0.25, 0.5, 0.5), (0.75, 0.5, 0.5)])
+    assert torch.equal(encoded.ids, torch.cat(expected))
+    kwargs = dict(height=32, width=32, steps=2, guidance=3.5, seeds=[0])
+    left, above = (np.asarray(model.generate(p, refs, **kwargs)[0]) for p in ("a left of b", "a above b"))
+    assert not np.array_equal(left, above)  # where the references sit is read from the prompt
+    assert np.array_equal(left, np.asarray(model.generate("a left of b", refs, **kwargs)[0]))
+    with pytest.raises(UserError, match="covers 2 reference\\(s\\), not 3"):
+        model.generate("x", refs + refs[:1], **kwargs)
+    # A recipe that names a scheme keeps it, whatever the card says.
+    assert resolve_model(dataclasses.replace(base, position_scheme="frame")).position_scheme == "frame"

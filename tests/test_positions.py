@@ -75,3 +75,62 @@ def test_pack_rejects_odd_latents():
 ])
 def test_reference_resize_rule(size, longest, multiple, expected):
     assert fit_size(*size, longest, multiple) == expected
+
+
+# ---------------------------------------------------------------------------- layout scheme
+def test_layout_ids_land_each_reference_token_on_its_target_position():
+    # A 4x4 reference over the middle half of an 8x8 target covers tokens 2..5 on both axes.
+    [ids] = reference_ids((8, 8), [(4, 4)], "layout", boxes=[(0.5, 0.5, 0.5)])
+    assert torch.all(ids[:, 0] == 1)  # frame index, so references stay apart
+    assert ids[:, 1].reshape(4, 4)[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert ids[:, 2].reshape(4, 4)[0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    # Over the quarter-width box at (0.25, 0.75): target pixels 8..24 by 40..56; reference
+    # token 0 covers 40..44 in y, centred at 42 px, i.e. token coordinate (42 - 4) / 8.
+    [ids] = reference_ids((8, 8), [(4, 4)], "layout", boxes=[(0.25, 0.75, 0.25)])
+    assert ids[:, 1].reshape(4, 4)[:, 0].tolist() == [4.75, 5.25, 5.75, 6.25]
+    assert ids[:, 2].reshape(4, 4)[0].tolist() == [0.75, 1.25, 1.75, 2.25]
+    # A wide reference (2 rows, 4 columns) keeps its aspect: half the rows' span.
+    [ids] = reference_ids((8, 8), [(2, 4)], "layout", boxes=[(0.5, 0.5, 0.5)])
+    assert ids[:, 1].reshape(2, 4)[:, 0].tolist() == [3.0, 4.0]
+    two = reference_ids((8, 8), [(4, 4), (4, 4)], "layout", boxes=[(0.3, 0.5, 0.5), (0.7, 0.5, 0.5)])
+    assert [r[0, 0].item() for r in two] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="one box per reference"):
+        reference_ids((8, 8), [(4, 4), (4, 4)], "layout", boxes=[(0.5, 0.5, 0.5)])
+
+
+LAYOUT = {"1": [[0.5, 0.5, 0.6]], "2": [[0.3, 0.5, 0.5], [0.7, 0.5, 0.5]],
+          "2:left of": [[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]], "2:above": [[0.5, 0.25, 0.5], [0.5, 0.75, 0.5]],
+          "2:on": [[0.5, 0.6, 0.5], [0.5, 0.4, 0.5]], "2:on top of": [[0.5, 0.3, 0.5], [0.5, 0.7, 0.5]]}
+
+
+@pytest.mark.parametrize("prompt, count, key", [
+    ("a cat left of a dog", 2, "2:left of"),
+    ("A cat ABOVE a dog", 2, "2:above"),
+    ("a cat below a dog, both left of a tree", 2, "2:left of"),  # "below" is not in this table
+    ("a dog above a cat left of the sea", 2, "2:above"),  # the first one named
+    ("a cat on top of a dog", 2, "2:on top of"),  # same start: the longer phrase
+    ("a cat on a dog", 2, "2:on"),
+    ("an aboveground pool with a cat and a dog", 2, "2"),  # whole words only
+    ("a cat and a dog", 2, "2"),
+    ("a cat left of a dog", 1, "1"),
+    ("three cats", 3, "3"),
+])
+def test_layout_key_reads_the_count_and_the_relation(prompt, count, key):
+    from psr.core.positions import ReferenceLayout
+
+    assert ReferenceLayout.from_dict(LAYOUT, "card").key(prompt, count) == key
+
+
+def test_layout_table_is_checked_and_a_count_it_lacks_is_refused():
+    from psr.core.positions import ReferenceLayout
+    from psr.errors import UserError
+
+    layout = ReferenceLayout.from_dict(LAYOUT, "card")
+    assert layout.boxes_for("a left of b", 2) == ((0.25, 0.5, 0.5), (0.75, 0.5, 0.5))
+    assert ReferenceLayout.from_dict(layout.to_dict(), "again") == layout
+    with pytest.raises(UserError, match="covers 1, 2 reference\\(s\\), not 3"):
+        layout.boxes_for("three", 3)
+    for bad in ({}, [], {"2": [[0.5, 0.5, 0.5]]}, {"1": [[0.5, 0.5, 0]]}, {"1": [[0.5, "x", 1]]},
+                {"x": [[0.5, 0.5, 1]]}, {"1": [[0.5, 0.5]]}, {"1": "box"}):
+        with pytest.raises(UserError, match="^card: "):
+            ReferenceLayout.from_dict(bad, "card")

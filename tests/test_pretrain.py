@@ -354,6 +354,11 @@ def test_model_card_keeps_the_base_architecture_facts(tmp_path):
                     "sizes": {"num_layers": 6}, "parameters": {"vae": 1}}
     assert _model_card(1, "", False, "lora", None)["note"] == "psr pretrain (LoRA), step 1"
     assert "architecture" not in _model_card(1, "", False, "none", str(tmp_path / "missing"))
+    # A run trained with the layout scheme says so, and keeps the base's table of boxes.
+    table = {"1": [[0.5, 0.5, 0.6]]}
+    (tmp_path / "psr_model.json").write_text(json.dumps({"architecture": "embedded", "reference_layout": table}))
+    card = _model_card(2, "", True, "none", str(tmp_path), position_scheme="layout")
+    assert card["position_scheme"] == "layout" and card["reference_layout"] == table
 
 
 def test_weights_kind_reads_what_a_source_is_from_its_file_names(tmp_path):
@@ -387,6 +392,9 @@ def test_recipe_hashes_of_the_default_recipes_are_pinned():
     from psr.train.config import training_hash
 
     assert training_hash(load_recipe("pretrain", None, [])) == "79718b6117abcc3b"
+    # A model whose card names no scheme runs `frame`, given or left out.
+    frame = ["model.position_scheme='frame'"]
+    assert training_hash(load_recipe("pretrain", None, ["model.preset='tiny'", *frame])) == "79718b6117abcc3b"
     # The default rl objective is gspo, whose default clip bounds were rescaled on purpose
     # (docs/rl.md): with the former bounds given, the hash is the one earlier runs carry.
     assert training_hash(load_recipe("rl", None, []), RL_OPERATIONAL) == "0289f81536bcdfad"
@@ -501,3 +509,51 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, da
     # An intact newest checkpoint is taken as before.
     intact = _fake_checkpoint(tmp_path, 300)
     assert resumable_checkpoint(tmp_path, "h", True, lambda c: "")[0] == intact
+
+
+def test_rows_whose_prompts_place_references_apart_share_no_forward():
+    from psr.train.data import Batch
+
+    grids = ((4, 4), (4, 4))
+    batch = Batch(indices=list(range(5)), prompts=["a left of b", "a above b", "a left of b", "a and b", "x"],
+                  target=torch.zeros(5, 3, 8, 8), labels=torch.zeros(5, 1, dtype=torch.long),
+                  references=[[]] * 5, ref_grids=[grids] * 4 + [((4, 4),)], correspondence=[[]] * 5)
+    keep = [True, True, True, True, False]
+    assert batch.groups(keep) == [[0, 1, 2, 3], [4]]  # one forward per reference grid layout
+
+    def relation(prompt, count):
+        return next((r for r in ("left of", "above") if r in prompt), "none") + f"/{count}"
+
+    assert batch.groups(keep, relation) == [[0, 2], [1], [3], [4]]
+    assert batch.groups([False] * 5, relation) == [[0, 1, 2, 3, 4]]  # no references: no ids to differ
+
+
+def test_layout_scheme_trains_with_each_rows_boxes(toy_data, tmp_path, monkeypatch, one_thread):
+    import psr.core.model as model_module
+    from psr.core.positions import ReferenceLayout
+    from psr.train import objective
+
+    table = {str(n): [[0.2 + 0.2 * i, 0.5, 0.5] for i in range(n)] for n in (1, 3, 4)}
+    table.update({"2": [[0.3, 0.5, 0.5], [0.7, 0.5, 0.5]], "2:above": [[0.5, 0.3, 0.5], [0.5, 0.7, 0.5]]})
+    layout = ReferenceLayout.from_dict(table, "test")
+    monkeypatch.setattr(model_module, "card_reference_layout", lambda config: layout)
+    seen = []
+    build = objective.group_input
+
+    def spy(model, encoders, batch, rows, with_refs, *args):
+        group = build(model, encoders, batch, rows, with_refs, *args)
+        if group.ref_grids:
+            keys = {layout.key(batch.prompts[b], len(group.ref_grids)) for b in rows}
+            assert len(keys) == 1, keys  # one forward shares one set of boxes
+            length = group.target_grid[0] * group.target_grid[1]
+            expected = model.reference_positions(group.target_grid, group.ref_grids, batch.prompts[rows[0]])
+            assert torch.equal(group.ids[length:].cpu(), expected)
+            seen.append(keys.pop())
+        return group
+
+    monkeypatch.setattr(objective, "group_input", spy)
+    _train(toy_data, tmp_path / "run", "model.position_scheme='layout'", "train.drop_refs=0.0",
+           "train.drop_both=0.0")
+    assert seen and all(k in table for k in seen)
+    recipe = (tmp_path / "run" / "recipe.toml").read_text()
+    assert 'position_scheme = "layout"' in recipe

@@ -117,7 +117,7 @@ def test_generate_recipe_invariants():
         load_recipe("generate", overrides=["model.preset=tinny"])
     with pytest.raises(RecipeError, match="^sample.steps: must be >= 1"):
         load_recipe("generate", overrides=["sample.steps=0"])
-    with pytest.raises(RecipeError, match="^model.position_scheme: must be one of 'frame', 'diagonal'"):
+    with pytest.raises(RecipeError, match="^model.position_scheme: must be one of 'frame', 'diagonal', 'layout'"):
         load_recipe("generate", overrides=["model.position_scheme=uno"])
 
 
@@ -167,7 +167,8 @@ def test_bad_reference_resize_is_one_line(tmp_path, capsys):
     with pytest.raises(RecipeError, match=r"^reference_resize: must be one of 'kontext', 'longest', got 'Kontext'$"):
         ModelConfig(reference_resize="Kontext")
     recipe = tmp_path / "r.toml"
-    recipe.write_text('# psr generate --recipe r.toml "x"\ncommand = "generate"\n[model]\npreset = "flux-kontext"\n')
+    recipe.write_text('# psr generate --recipe r.toml "x"\ncommand = "generate"\n[model]\npreset = "flux-kontext"\n'
+                      'path = "/models/FLUX.1-Kontext-dev"\n')  # validate refuses the preset without one
     assert main(["validate", str(recipe), "--set", "model.reference_resize=longest"]) == 0
     capsys.readouterr()
     assert main(["validate", str(recipe), "--set", "model.reference_resize=1024"]) == 2

@@ -6,8 +6,10 @@ Bad input (`UserError`, usage errors) prints one line on stderr and exits with c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -32,6 +34,37 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
                       "model.weights.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe key: --set sample.steps=8 (value parsed as TOML).")]
+
+
+@contextlib.contextmanager
+def _library_progress(show: bool):
+    """With `--quiet`, the libraries' own progress bars (transformers' "Loading weights",
+    diffusers' and huggingface_hub's) are off too, and back as they were afterwards."""
+    if show:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    shown = (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled(),
+             not hub_utils.are_progress_bars_disabled())
+    with warnings.catch_warnings():  # HF_HUB_DISABLE_PROGRESS_BARS=0 in the environment would warn
+        warnings.simplefilter("ignore")
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if shown[0]:
+                transformers_logging.enable_progress_bar()
+            if shown[1]:
+                diffusers_logging.enable_progress_bar()
+            if shown[2]:
+                hub_utils.enable_progress_bars()
 
 
 def _size_overrides(size: str) -> list[str]:
@@ -78,8 +111,9 @@ def generate(
         overrides.append(f"model.weights={json.dumps(weights)}")  # a TOML basic string
     if size is not None:
         overrides += _size_overrides(size)
-    written = run_generate(load_recipe("generate", recipe, overrides), prompt, ref or [], out,
-                           show_progress=not quiet, sheet=sheet)
+    loaded = load_recipe("generate", recipe, overrides)
+    with _library_progress(not quiet):
+        written = run_generate(loaded, prompt, ref or [], out, show_progress=not quiet, sheet=sheet)
     for path in written:
         print(path)
 
@@ -95,7 +129,9 @@ def synth(
     """Synthesize multi-subject training data, or a PSRBench-format benchmark."""
     from psr.workflows.synth import run_synth
 
-    run_synth(load_recipe("synth", recipe, set_ or []), out, num_samples, show_progress=not quiet)
+    loaded = load_recipe("synth", recipe, set_ or [])
+    with _library_progress(not quiet):
+        run_synth(loaded, out, num_samples, show_progress=not quiet)
 
 
 @app.command()
@@ -109,7 +145,11 @@ def validate(
         hint = _suggest(kind, RECIPE_KINDS) if isinstance(kind, str) else ""
         raise UserError(f"{recipe}: command: must name one of {', '.join(RECIPE_KINDS)}, "
                         f"got {kind!r}{hint}")
-    load_recipe(kind, recipe, set_ or [])
+    loaded = load_recipe(kind, recipe, set_ or [])
+    if kind in ("generate", "eval"):  # what those commands check before loading any weights
+        from psr.core.schema import check_generation
+
+        check_generation(loaded.model, loaded.sample)
     print(f"{recipe}: ok ({kind} recipe)")
 
 
@@ -145,9 +185,10 @@ def eval_(
         overrides += [f"model.device={device!r}", f"device={device!r}"]
     if weights is not None:
         overrides.append(f"model.weights={json.dumps(weights)}")  # a TOML basic string
-    run_eval(load_recipe("eval", recipe, overrides), bench, out, score_only=score_only, oracle=oracle,
-             reconstruct=reconstruct, limit=limit, subsets=parse_subsets(subsets), compare=compare,
-             show_progress=not quiet)
+    loaded = load_recipe("eval", recipe, overrides)
+    with _library_progress(not quiet):
+        run_eval(loaded, bench, out, score_only=score_only, oracle=oracle, reconstruct=reconstruct, limit=limit,
+                 subsets=parse_subsets(subsets), compare=compare, show_progress=not quiet)
 
 
 @app.command()
@@ -168,7 +209,9 @@ def fit(
     flags = {"out": repr(out) if out is not None else None, "steps": steps,
              "device": repr(device) if device is not None else None}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    print(format_metrics(run_fit(load_recipe("fit", recipe, overrides), resume=resume, show_progress=not quiet)))
+    loaded = load_recipe("fit", recipe, overrides)
+    with _library_progress(not quiet):
+        print(format_metrics(run_fit(loaded, resume=resume, show_progress=not quiet)))
 
 
 @app.command()
@@ -198,7 +241,9 @@ def pretrain(
     from psr.workflows.pretrain import run_pretrain
 
     overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])
-    summary = run_pretrain(load_recipe("pretrain", recipe, overrides), resume=resume, show_progress=not quiet)
+    loaded = load_recipe("pretrain", recipe, overrides)
+    with _library_progress(not quiet):
+        summary = run_pretrain(loaded, resume=resume, show_progress=not quiet)
     if summary["main_process"]:
         print(summary["final"])
 
@@ -215,7 +260,9 @@ def rl(
     from psr.workflows.rl import run_rl
 
     overrides = list(set_ or []) + ([f"out={out!r}"] if out is not None else [])
-    summary = run_rl(load_recipe("rl", recipe, overrides), resume=resume, show_progress=not quiet)
+    loaded = load_recipe("rl", recipe, overrides)
+    with _library_progress(not quiet):
+        summary = run_rl(loaded, resume=resume, show_progress=not quiet)
     if summary["main_process"]:
         print(summary["final"])
 
@@ -251,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         status = app(args=argv, prog_name="psr", standalone_mode=False)
     except UserError as err:
         print(f"psr: error: {' '.join(str(err).split(chr(10)))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # The system refused a file operation (a read-only folder, a full disk, a permission):
+        # one line naming the file and the reason. An OSError that names no file is a bug
+        # and keeps its traceback.
+        if err.filename is None or not err.strerror:
+            raise
+        print(f"psr: error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     except typer.Exit as exit_:
         return exit_.exit_code

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from psr.core.components import FluxComponents, save_components
+from psr.core.io import create_temp_dir
 from psr.core.tiny import (
     assemble_components,
     build_tiny_text_encoders,
@@ -64,6 +65,25 @@ TOY_VAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld" / "
 # signal instead of the prompt and references, which fails at σ = 1 where sampling starts
 # (a 1,500-step run drew the same forest-green texture for every prompt).
 EMBEDDED_SHIFT = 3.0
+
+
+# Where the embedded model's references go under `position_scheme = "layout"`: per key
+# (reference count, or "2:" + relation), one (cx, cy, side) per reference. The centres are
+# the mean subject-box centres of the easy ToyWorld level's slot layout (measured on the
+# 32,000 rows of recipes/synth-toy-easy.toml; "2" is "next to", the pair about the centre
+# line); `side` is the 32 px reference's span in the 64 px target at the level's mean
+# reference/target subject scale (0.849, 0.809 for one subject): 0.5 / 0.849 = 0.589.
+EMBEDDED_REFERENCE_LAYOUT: dict[str, list[list[float]]] = {
+    "1": [[0.5, 0.5, 0.618]],
+    "2": [[0.307, 0.5, 0.589], [0.692, 0.5, 0.589]],
+    "2:next to": [[0.307, 0.5, 0.589], [0.692, 0.5, 0.589]],
+    "2:left of": [[0.271, 0.5, 0.589], [0.73, 0.5, 0.589]],
+    "2:right of": [[0.73, 0.5, 0.589], [0.27, 0.5, 0.589]],
+    "2:above": [[0.5, 0.27, 0.589], [0.5, 0.731, 0.589]],
+    "2:below": [[0.5, 0.73, 0.589], [0.5, 0.27, 0.589]],
+    "3": [[0.27, 0.28, 0.589], [0.73, 0.28, 0.589], [0.5, 0.73, 0.589]],
+    "4": [[0.27, 0.27, 0.589], [0.73, 0.27, 0.589], [0.27, 0.73, 0.589], [0.73, 0.73, 0.589]],
+}
 
 
 def embedded_scheduler():
@@ -208,7 +228,6 @@ def write_embedded_base(out: str | Path, *, seed: int = 0, vae_path: str | Path 
     import json
     import os
     import shutil
-    import tempfile
 
     out = Path(out)
     if out.exists():
@@ -217,7 +236,7 @@ def write_embedded_base(out: str | Path, *, seed: int = 0, vae_path: str | Path 
     sizes = {**sizes, "latent_channels": vae.config.latent_channels}
     components = build_embedded_components(seed, vae=vae, **sizes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    staging = create_temp_dir(out.parent, f".tmp-{out.name}-")
     try:
         for module in (components.transformer, components.vae, components.text_encoder, components.text_encoder_2):
             module.half()
@@ -230,6 +249,8 @@ def write_embedded_base(out: str | Path, *, seed: int = 0, vae_path: str | Path 
                       "vae_block_out_channels": tuple(vae.config.block_out_channels),
                       "vae_layers_per_block": vae.config.layers_per_block},
             "parameters": parameter_counts(components),
+            "position_scheme": "layout",  # how the embedded architecture is trained and run
+            "reference_layout": EMBEDDED_REFERENCE_LAYOUT,
             "note": "embedded base model: ToyWorld-trained VAE, random-init (untrained) transformer; its images "
                     "are noise-like until `psr pretrain` trains it. Name real FLUX weights with --recipe.",
         }

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -45,17 +47,45 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, what: str = "reference") -> Image.Image:
-    """Read `path` as 8-bit RGB, or raise a one-line `UserError` that names the file."""
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+"""Largest image file read (256 MiB): a reference is read whole into memory."""
+
+
+def read_image_bytes(path: str | Path, what: str = "reference") -> bytes:
+    """The bytes of the regular file `path`, or a one-line `UserError`: a device such as
+    /dev/zero would be read without end and a FIFO would block the open, so only regular
+    files of at most MAX_IMAGE_BYTES are read."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} {path}: no such file")
     if path.is_dir():
         raise UserError(f"{what} {path}: is a directory, not an image")
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; on a
+        # regular file it changes nothing.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
         raise UserError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{what} {path}: not a regular file (a device, FIFO or socket), not an image")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise UserError(f"{what} {path}: {info.st_size / 2**20:.0f} MiB, more than the "
+                            f"{MAX_IMAGE_BYTES // 2**20} MiB an image may have")
+        try:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+        except OSError as err:
+            raise UserError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_IMAGE_BYTES:  # grew while it was read
+        raise UserError(f"{what} {path}: more than the {MAX_IMAGE_BYTES // 2**20} MiB an image may have")
+    return data
+
+
+def load_image(path: str | Path, what: str = "reference") -> Image.Image:
+    """Read `path` as 8-bit RGB, or raise a one-line `UserError` that names the file."""
+    path = Path(path)
+    data = read_image_bytes(path, what)
     if not data:
         raise UserError(f"{what} {path}: the file is empty (0 bytes)")
     try:

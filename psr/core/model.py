@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,10 +28,11 @@ from psr.core.attention import TokenLayout
 from psr.core.components import FluxComponents, cpu_has_bfloat16, resolve_device
 from psr.core.lora import lora_token_mask
 from psr.core.packing import pack, unpack
-from psr.core.positions import grid_ids, reference_ids
+from psr.core.positions import ReferenceLayout, grid_ids, reference_ids
+from psr.core.presets import model_card
 from psr.core.refstream import ReferenceKV, cached_references, reference_kv
-from psr.core.schema import REFERENCE_MODES
 from psr.core.sampler import euler_sample, flux_schedule
+from psr.core.schema import REFERENCE_MODES
 from psr.core.weights import load_model_components, trained_reference_mode
 from psr.errors import UserError
 
@@ -110,6 +112,22 @@ class ReferenceCache:
         return kv
 
 
+def card_reference_layout(config) -> ReferenceLayout | None:
+    """The `reference_layout` table of the model card (the weights' folder first, then the
+    model folder), for `position_scheme = "layout"`; None for any other scheme."""
+    if config.position_scheme != "layout":
+        return None
+    for source in (config.weights, config.path):
+        if not source:
+            continue
+        folder = Path(source).expanduser()
+        folder = folder.parent if folder.is_file() else folder
+        table = model_card(str(folder)).get("reference_layout")
+        if table is not None:
+            return ReferenceLayout.from_dict(table, f"{folder / 'psr_model.json'}")
+    return None
+
+
 class MultiRefFlux:
     """FLUX components plus the in-context reference sequence.
 
@@ -126,7 +144,7 @@ class MultiRefFlux:
                  reference_size: int = 64, max_sequence_length: int = 512,
                  device: torch.device | str = "cpu", cpu_offload: bool = False,
                  reference_resize: str = "longest", reference_mode: str = "joint",
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, reference_layout: ReferenceLayout | None = None):
         from diffusers import FluxPipeline
 
         if reference_resize not in imgs.RESIZE_RULES:
@@ -140,7 +158,11 @@ class MultiRefFlux:
         self.notes: list[str] = []
         """One-line remarks on how the recipe was applied (from_config), for the user to see."""
         self.components = components
+        if position_scheme == "layout" and reference_layout is None:
+            raise UserError("model.position_scheme 'layout' needs the model's reference layout table "
+                            "(`reference_layout` in its psr_model.json card)")
         self.position_scheme = position_scheme
+        self.reference_layout = reference_layout
         self.reference_size = reference_size
         self.reference_resize = reference_resize
         self.max_sequence_length = max_sequence_length
@@ -189,7 +211,7 @@ class MultiRefFlux:
         model = cls(components, position_scheme=config.position_scheme, reference_size=config.reference_size,
                    max_sequence_length=config.max_sequence_length, device=device, cpu_offload=config.cpu_offload,
                    reference_resize=config.resize_rule, reference_mode=config.reference_mode,
-                   autocast_dtype=autocast)
+                   autocast_dtype=autocast, reference_layout=card_reference_layout(config))
         model.notes = notes
         return model
 
@@ -273,9 +295,19 @@ class MultiRefFlux:
         """Apply the documented resize rule `self.reference_resize` (see `psr.core.images`)."""
         return imgs.fit_reference(image, self.reference_resize, self.reference_size, self.token_stride)
 
+    def reference_positions(self, target_grid: tuple[int, int], grids: Sequence[tuple[int, int]],
+                            prompt: str) -> torch.Tensor:
+        """Position ids of the references of `prompt` under `self.position_scheme` ([Σ h_i·w_i, 3])."""
+        boxes = None
+        if self.position_scheme == "layout":
+            boxes = self.reference_layout.boxes_for(prompt, len(grids))
+        return torch.cat(reference_ids(target_grid, list(grids), self.position_scheme, boxes))
+
     @torch.no_grad()
-    def encode_references(self, images: Sequence[Image.Image], target_grid: tuple[int, int]) -> References:
-        """VAE-encode and pack each reference; ids follow `self.position_scheme`."""
+    def encode_references(self, images: Sequence[Image.Image], target_grid: tuple[int, int],
+                          prompt: str = "") -> References:
+        """VAE-encode and pack each reference; ids follow `self.position_scheme` (the layout
+        scheme reads the relation from `prompt`)."""
         tokens, grids = [], []
         for image in images:
             latents = self.encode_images(imgs.to_tensor(self.prepare_reference(image)))
@@ -283,7 +315,7 @@ class MultiRefFlux:
             tokens.append(pack(latents))
         if not tokens:
             return self.no_references()
-        ids = torch.cat(reference_ids(target_grid, grids, self.position_scheme))
+        ids = self.reference_positions(target_grid, grids, prompt)
         return References(tokens=torch.cat(tokens, dim=1).to(self.device, self.dtype), ids=ids.to(self.device),
                           grids=grids)
 
@@ -428,7 +460,7 @@ class MultiRefFlux:
         batch = len(seeds)
         text = self.encode_prompt([prompt])
         text = PromptEmbeds(text.embeds.expand(batch, -1, -1), text.pooled.expand(batch, -1), text.ids)
-        refs = self.encode_references(references, grid)
+        refs = self.encode_references(references, grid, prompt)
         latents = self.noise(seeds, height, width)
         schedule = flux_schedule(self.components.scheduler.config, steps, grid[0] * grid[1])
         how = Guidance.for_model(self.transformer, guidance, image_guidance)

@@ -40,6 +40,8 @@ class Preset:
     guidance_embeds: bool = True
     """Whether the preset's transformer has a guidance embedding; without one, `guidance` is a
     classifier-free guidance scale, which RL rollouts do not apply (their default is then 1)."""
+    needs_path: bool = False
+    """Whether the preset loads a model folder or hub id (`model.path`, else `default_path`)."""
     reference_resize: str = "longest"
     """Default rule that brings a reference to the grid (`psr.core.images.RESIZE_RULES`):
     "kontext" where the checkpoint was trained on Kontext's resolutions."""
@@ -61,7 +63,7 @@ def _load_tiny(config: "ModelConfig") -> "FluxComponents":
 PRESETS: Registry[Preset] = Registry("preset", {
     "embedded": Preset(
         description="the embedded architecture trained on ToyWorld, weights shipped in the package (CPU-friendly)",
-        load=_load_pretrained, dtype="float32", size=64, reference_size=32,
+        load=_load_pretrained, needs_path=True, dtype="float32", size=64, reference_size=32,
         max_sequence_length=64, steps=8, guidance=3.0, token_stride=8, default_path=str(EMBEDDED_DIR),
         guidance_embeds=False,
     ),
@@ -72,16 +74,30 @@ PRESETS: Registry[Preset] = Registry("preset", {
     ),
     "flux-dev": Preset(
         description="FLUX.1-dev layout from model.path (hub id or local directory)",
-        load=_load_pretrained, dtype="bfloat16", size=1024, reference_size=512,
+        load=_load_pretrained, needs_path=True, dtype="bfloat16", size=1024, reference_size=512,
         max_sequence_length=512, steps=28, guidance=3.5, token_stride=16,
     ),
     "flux-kontext": Preset(
         description="FLUX.1 Kontext layout from model.path; frame position ids work unchanged, references sized as "
                     "FluxKontextPipeline sizes its input",
-        load=_load_pretrained, dtype="bfloat16", size=1024, reference_size=512,
+        load=_load_pretrained, needs_path=True, dtype="bfloat16", size=1024, reference_size=512,
         max_sequence_length=512, steps=28, guidance=2.5, token_stride=16, reference_resize="kontext",
     ),
 })
+
+
+def model_card(model_path: str | None) -> dict:
+    """The `psr_model.json` card of a local model folder; {} for a hub id or a folder without one."""
+    card = Path(model_path).expanduser() / "psr_model.json" if model_path else None
+    if card is None or not card.is_file():
+        return {}
+    try:
+        info = json.loads(card.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{card}: not a readable model card ({err})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{card}: a model card must be a JSON object")
+    return info
 
 
 def embedded_model_note(model_path: str) -> str | None:

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from psr.core.images import RESIZE_RULES
-from psr.core.presets import PRESETS
-from psr.core.recipe import _suggest
+from psr.core.presets import PRESETS, model_card
+from psr.core.recipe import _suggest, read_toml
 from psr.core.recipe import require as _require
+from psr.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REFERENCE_MODES = ("joint", "cached")
+MAX_SIDE = 8192
+"""Largest image side in pixels: FLUX models are trained up to about 2 MP, and one 8192 px
+square already takes 256 K tokens; a mistyped size would otherwise try to allocate
+gigabytes and fail with a traceback."""
+MAX_STEPS = 10_000
+"""Most denoising steps (FLUX samples in 28; more is a typo that would run for days)."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,11 @@ class ModelConfig:
     """Keep components on the CPU and move each to the device only while it runs."""
     attention_backend: str | None = None
     """diffusers attention backend for the transformer ('native', 'flash', '_native_cudnn', ...)."""
-    position_scheme: Literal["frame", "diagonal"] = "frame"
-    """'frame': FLUX.1 Kontext's ids (reference i at frame i+1); 'diagonal': UNO's offsets."""
+    position_scheme: Literal["frame", "diagonal", "layout"] | None = None
+    """'frame': FLUX.1 Kontext's ids (reference i at frame i+1); 'diagonal': UNO's offsets;
+    'layout': each reference's ids spread over the target box its subject goes to, from the
+    model card's `reference_layout` table (psr.core.positions). None takes the model card's
+    `position_scheme` (what the weights were trained with), else 'frame'."""
     reference_mode: Literal["joint", "cached"] = "joint"
     """'joint': every token attends to every other and references share the target's
     timestep; 'cached': references are modulated at timestep 0 and attend only to themselves,
@@ -109,6 +120,7 @@ class SampleConfig:
 
     def __post_init__(self):
         _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
+        _require(self.steps is None or self.steps <= MAX_STEPS, "steps", f"must be <= {MAX_STEPS}")
         _require(self.guidance is None or (self.guidance >= 0 and math.isfinite(self.guidance)), "guidance",
                  "must be a finite number >= 0")
         _require(self.image_guidance >= 0 and math.isfinite(self.image_guidance), "image_guidance",
@@ -116,6 +128,7 @@ class SampleConfig:
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value >= 16, name, "must be >= 16 pixels")
+            _require(value is None or value <= MAX_SIDE, name, f"must be <= {MAX_SIDE} pixels")
         _require(self.num_images >= 1, "num_images", "must be >= 1")
         _require(self.seed >= 0, "seed", "must be >= 0")
 
@@ -129,6 +142,40 @@ class GenerateRecipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+def check_generation(model: ModelConfig, sample: SampleConfig) -> None:
+    """The checks a command that generates makes before any weights load, so `psr validate`
+    refuses what `psr generate` or `psr eval` would: the target size is a multiple of the
+    preset's token stride, and a preset that loads a model folder has one. Values left at
+    None are read as the preset will fill them in (`resolve_generate`)."""
+    preset = PRESETS[model.preset]
+    for name, value in (("height", sample.height), ("width", sample.width)):
+        value = value or preset.size
+        if value % preset.token_stride:
+            raise UserError(f"sample.{name} {value}: must be a multiple of {preset.token_stride} (pixels per token "
+                            f"of preset {model.preset!r})")
+    if preset.needs_path and not (model.path or preset.default_path):
+        raise UserError(f"model.path: preset {model.preset!r} needs a local directory or a hub id "
+                        "(e.g. black-forest-labs/FLUX.1-dev); nothing is downloaded unless you name one")
+
+
+def trained_position_scheme(weights: str | None, path: str | None) -> str:
+    """The position scheme the weights were trained with, where a psr run says so (a
+    checkpoint's recipe, or the card of the weights' folder, else of the model folder);
+    'frame' where nothing does."""
+    for source in (weights, path):
+        if not source:
+            continue
+        folder = Path(source).expanduser()
+        folder = folder.parent if folder.is_file() else folder
+        if (folder / "state.json").is_file() and (folder / "recipe.toml").is_file():
+            scheme = read_toml(folder / "recipe.toml").get("model", {}).get("position_scheme")
+        else:
+            scheme = model_card(str(folder)).get("position_scheme")
+        if scheme:
+            return scheme
+    return "frame"
+
+
 def resolve_model(model: ModelConfig) -> ModelConfig:
     """The model section with every None that its preset decides filled in (every command
     that loads a model resolves it the same way)."""
@@ -138,6 +185,8 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
         path=model.path or preset.default_path,
         dtype=model.dtype or preset.dtype,
         reference_size=model.reference_size or preset.reference_size,
+        position_scheme=model.position_scheme or trained_position_scheme(model.weights, model.path
+                                                                         or preset.default_path),
         reference_resize=model.reference_resize or preset.reference_resize,
         max_sequence_length=model.max_sequence_length or preset.max_sequence_length,
     )

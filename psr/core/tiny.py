@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-import tempfile
 from pathlib import Path
 
 from psr.core.components import FluxComponents, torch_dtype
+from psr.core.io import create_temp_dir
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -63,7 +63,7 @@ def _cached_clip_tokenizer():
     tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
     try:  # a cache that cannot be written only costs time
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".clip-bpe-"))
+        staging = create_temp_dir(folder.parent, ".clip-bpe-")
         tokenizer.save_pretrained(str(staging))
         os.replace(staging, folder)
     except OSError:

@@ -1,7 +1,8 @@
 """Reading a PSRBench-format bench folder, and writing its files back with `result_path`.
 
-A bench folder holds one JSON list per subset (`<Subset>.json`); every other JSON file (a
-table such as bench.json or results.json) is ignored. Each item has PSRBench's keys:
+A bench folder holds one JSON list per subset (`<Subset>.json`, UTF-8 with or without a byte
+order mark); a JSON object (a table such as bench.json or results.json) is passed over, and
+any other JSON file is refused (`_subset_files`). Each item has PSRBench's keys:
 `instruction`, `input_path` (list), `category1` … `categoryN` (one per reference), for
 Position items `position` (the relation phrase), after generation `result_path`; ToyWorld
 benches add `gt_target_path` and `gt`. Items are kept as the parsed JSON dicts so they are
@@ -76,22 +77,36 @@ def resolve_path(root: Path, path: str) -> Path:
 
 
 def _read_json(path: Path):
+    # utf-8-sig: a file saved by an editor that puts a byte order mark first reads the same
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"bench {path}: cannot read it ({err.__class__.__name__})") from None
     except json.JSONDecodeError as err:
         raise UserError(f"bench {path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _subset_files(root: Path) -> dict[str, Path]:
-    """Stem → path of every JSON file in `root` that holds a list, in PSRBench's order."""
+def _kind(value) -> str:
+    return {dict: "a JSON object", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _subset_files(root: Path, requested: Sequence[str] = ()) -> dict[str, tuple[Path, list]]:
+    """Stem → (path, parsed list) of every subset file in `root`, in PSRBench's order.
+
+    A subset file is a JSON list. A JSON object is a table (bench.json, results.json, an
+    eval's samples.json) and is passed over, unless its name is a PSRBench subset or one
+    asked for; every other file, one that does not parse or holds a bare value, is refused
+    with its name: skipping it would drop a subset from the overall row without a word."""
     found = {p.stem: p for p in sorted(root.glob("*.json")) if not p.name.startswith(".")}
     lists = {}
     for stem, path in found.items():
-        text = path.read_text(encoding="utf-8", errors="replace").lstrip()
-        if text.startswith("["):
-            lists[stem] = path
+        data = _read_json(path)
+        if isinstance(data, list):
+            lists[stem] = (path, data)
+        elif not isinstance(data, dict) or stem in SUBSET_ORDER or stem in requested:
+            raise UserError(f"bench {path}: holds {_kind(data)}, not a list of items (a subset file is a JSON "
+                            "list; move other files out of the bench folder)")
     known = [s for s in SUBSET_ORDER if s in lists]
     return {s: lists[s] for s in known + sorted(set(lists) - set(known))}
 
@@ -131,7 +146,7 @@ def load_bench(folder: str | Path, subsets: Sequence[str] = ()) -> Bench:
         raise UserError(f"bench {root}: no such folder")
     if not root.is_dir():
         raise UserError(f"bench {root}: is not a folder")
-    files = _subset_files(root)
+    files = _subset_files(root, subsets)
     if not files:
         raise UserError(f"bench {root}: holds no subset files (<Subset>.json lists, e.g. Position.json); "
                         "make one with psr synth --recipe recipes/bench-toy.toml")
@@ -142,7 +157,7 @@ def load_bench(folder: str | Path, subsets: Sequence[str] = ()) -> Bench:
     chosen = list(subsets) or list(files)
     result = {}
     for name in chosen:
-        items = _read_json(files[name])
+        _, items = files[name]
         result[name] = [_check_item(name, i, item, root) for i, item in enumerate(items)]
     return Bench(root, result)
 

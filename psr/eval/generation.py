@@ -66,7 +66,7 @@ def generate_missing(recipe: "EvalRecipe", out: Path, items: Sequence[Item], sho
     model = MultiRefFlux.from_config(recipe.model)
     sample = recipe.sample
     model.check_size(sample.height, sample.width)
-    if recipe.model.preset == "embedded":
+    if recipe.model.preset == "embedded" and not recipe.model.weights:  # trained weights on top: not "untrained"
         if note := embedded_model_note(recipe.model.path):
             print(f"psr: note: {note}", file=sys.stderr)
     written = 0

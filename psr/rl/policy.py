@@ -66,7 +66,7 @@ def condition(model: MultiRefFlux, prompt: str, references, size: int, batch: in
     grid = (size // model.token_stride, size // model.token_stride)
     text = model.encode_prompt([prompt])
     text = PromptEmbeds(text.embeds.expand(batch, -1, -1), text.pooled.expand(batch, -1), text.ids)
-    refs = model.encode_references(references, grid)
+    refs = model.encode_references(references, grid, prompt)
     g = None
     if model.transformer.config.guidance_embeds:
         g = torch.full((batch,), float(guidance), device=model.device, dtype=torch.float32)

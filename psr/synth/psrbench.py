@@ -26,14 +26,13 @@ import dataclasses
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from psr import toyworld as tw
-from psr.core.io import prepare_output_dir, write_json_atomic
+from psr.core.io import create_temp_dir, prepare_output_dir, write_json_atomic
 from psr.synth.dataset import rle_encode
 
 # Action phrase → pose change. Kept mild so layouts and relations stay valid.
@@ -101,7 +100,7 @@ def bench_example(subset: str, k: int, seed: int, id_range: tuple[int, int], lev
 def _write_subset(out: Path, subset: str, count: int, seed: int, size: int, ref_size: int,
                   id_range: tuple[int, int], level: str = "full") -> list[dict]:
     folder = out / "images" / subset
-    staging = Path(tempfile.mkdtemp(dir=out / "images", prefix=f".tmp-{subset}-"))
+    staging = create_temp_dir(out / "images", f".tmp-{subset}-")
     items = []
     try:
         for k in range(count):

@@ -259,6 +259,8 @@ def _hashed(recipe) -> dict:
     data = dataclasses.asdict(recipe)
     if isinstance(getattr(recipe, "model", None), ModelConfig):
         data["model"]["reference_resize"] = recipe.model.resize_rule
+        if recipe.model.position_scheme is None:  # left to the model card: hash the scheme that runs
+            data["model"]["position_scheme"] = resolve_model(recipe.model).position_scheme
     return data
 
 

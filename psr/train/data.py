@@ -27,7 +27,7 @@ the same rows meet in one optimizer step whatever the number of processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ class TrainRows(torch.utils.data.Dataset):
     """The usable rows of a `SynthDataset`, as training tensors (module docstring).
 
     Rows the model cannot take (target size not a multiple of the token stride, more than
-    `max_references` references) are skipped and added to `dataset.report`.
+    `max_references` references, a reference whose image header cannot be read) are skipped
+    and added to `dataset.report`.
     """
 
     def __init__(self, dataset: SynthDataset, token_stride: int, reference_size: int, max_references: int,
@@ -94,7 +95,7 @@ class TrainRows(torch.utils.data.Dataset):
         self.stride = token_stride
         self.reference_size = reference_size
         self.reference_resize = reference_resize
-        kept = []
+        kept, self._reference_sizes = [], []
         for row in dataset.rows:
             h, w = row["size"]
             where = str(row.get("id", row.get("index", "?")))
@@ -103,10 +104,27 @@ class TrainRows(torch.utils.data.Dataset):
             elif len(row["references"]) > max_references:
                 dataset.report.add(where, f"more than data.max_references ({max_references}) references")
             else:
+                sizes = self._header_sizes(row)
+                if isinstance(sizes, str):
+                    dataset.report.add(where, sizes)
+                    continue
                 kept.append(row)
+                self._reference_sizes.append(sizes)
         dataset.rows = kept  # SynthDataset serves a replacement for an unreadable image from these
         if not kept:
             raise UserError(f"dataset {dataset.root}: no usable rows ({dataset.report.summary()})")
+
+    def _header_sizes(self, row: dict) -> list[tuple[int, int]] | str:
+        """(width, height) of each reference from its image header (no pixels decoded), or
+        why a header cannot be read."""
+        sizes = []
+        for rel in row["references"]:
+            try:
+                with Image.open(self.dataset.root / rel) as im:
+                    sizes.append(im.size)
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                return f"reference {rel}: unreadable image ({err.__class__.__name__})"
+        return sizes
 
     def __len__(self) -> int:
         return len(self.dataset.rows)
@@ -115,16 +133,18 @@ class TrainRows(torch.utils.data.Dataset):
         w, h = imgs.reference_fit_size(width, height, self.reference_resize, self.reference_size, self.stride)
         return h // self.stride, w // self.stride
 
-    def layout_keys(self) -> list[tuple]:
+    def layout_keys(self, position_key: Callable[[str, int], str] | None = None) -> list[tuple]:
         """Per row (target (H, W), reference grids): what decides the sequence layout. Read
-        from the manifest and the image headers, without decoding pixels."""
+        from the manifest and the image headers, without decoding pixels. `position_key`
+        (prompt, reference count) → key is part of it where reference positions depend on
+        the prompt (the layout scheme), so that a batch shares one set of ids."""
         keys = []
-        for row in self.dataset.rows:
-            grids = []
-            for rel in row["references"]:
-                with Image.open(self.dataset.root / rel) as im:
-                    grids.append(self.reference_grid(*im.size))
-            keys.append((tuple(row["size"]), tuple(grids)))
+        for row, sizes in zip(self.dataset.rows, self._reference_sizes):
+            grids = [self.reference_grid(*size) for size in sizes]
+            layout = tuple(grids)
+            if position_key is not None:
+                layout = (layout, position_key(row["prompt"], len(grids)))
+            keys.append((tuple(row["size"]), layout))
         return keys
 
     def __getitem__(self, index: int) -> dict:
@@ -182,12 +202,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def groups(self, keep_refs: list[bool]) -> list[list[int]]:
-        """Rows that can share one forward: same reference grids (rows whose references
+    def groups(self, keep_refs: list[bool],
+               position_key: Callable[[str, int], str] | None = None) -> list[list[int]]:
+        """Rows that can share one forward: same reference grids, and the same
+        `position_key(prompt, reference count)` where one is given (rows whose references
         are dropped form the group with none), in first-appearance order."""
         out: dict[tuple, list[int]] = {}
         for b in range(len(self)):
-            out.setdefault(self.ref_grids[b] if keep_refs[b] else (), []).append(b)
+            key = ()
+            if keep_refs[b]:
+                key = self.ref_grids[b]
+                if position_key is not None:
+                    key = (key, position_key(self.prompts[b], len(key)))
+            out.setdefault(key, []).append(b)
         return list(out.values())
 
 

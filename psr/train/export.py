@@ -20,7 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-
 from psr.core.adapters import LORA_FILE, MOE_FILE, apply_adapter, load_trainable
 from psr.core.components import save_components, torch_dtype
 from psr.core.io import write_json_atomic
@@ -32,17 +31,19 @@ from psr.train.checkpoint import STATE, load_tensors, read_state
 from psr.train.config import PretrainRecipe, resolve_pretrain
 
 # Facts about the architecture that a base folder's card states and a fine-tune keeps.
-INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters")
+INHERITED_CARD_KEYS = ("architecture", "sizes", "parameters", "reference_layout")
 
 
 def _model_card(step: int, recipe_hash: str, ema: bool, kind: str, base_path: str | None,
                 started_from: str | None = None, reference_mode: str = "joint",
-                frozen_below: list[str] | None = None) -> dict:
+                frozen_below: list[str] | None = None, position_scheme: str = "frame") -> dict:
     what = {"none": "full fine-tune", "lora": "LoRA", "moe_lora": "MoE-LoRA"}[kind]
     card = {"trained": True, "note": f"psr pretrain ({what}), step {step}", "step": step,
             "recipe_hash": recipe_hash, "ema": ema}
     if reference_mode != "joint":  # a reader of the weights should run them as they were trained
         card["reference_mode"] = reference_mode
+    if position_scheme != "frame":  # `model.position_scheme` left out takes it from here
+        card["position_scheme"] = position_scheme
     if started_from:  # `step` counts this run only; the weights it started from come first
         card["started_from"] = started_from
         card["note"] += f" of a run started from {started_from}"
@@ -97,7 +98,8 @@ def export_final(model, recipe, named, ema, folder: Path, step: int, recipe_hash
     import contextlib
 
     card = _model_card(step, recipe_hash, ema is not None, recipe.adapter.kind, recipe.model.path,
-                       recipe.model.weights, recipe.model.reference_mode, frozen_below)
+                       recipe.model.weights, recipe.model.reference_mode, frozen_below,
+                       recipe.model.position_scheme or "frame")
     with ema.applied() if ema is not None else contextlib.nullcontext():
         if recipe.adapter.kind == "none":
             # Saved in the model's dtype, like the checkpoint it came from.
@@ -149,7 +151,7 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False, use_ema: b
         components.transformer.to(torch_dtype(recipe.model.dtype))
     card = _model_card(state["step"], state.get("recipe_hash", ""), weights.startswith("ema"), kind,
                        recipe.model.path, recipe.model.weights, recipe.model.reference_mode,
-                       state.get("frozen_below"))
+                       state.get("frozen_below"), recipe.model.position_scheme or "frame")
     card["merged"] = bool(merge)
     if dtype is not None:
         card["dtype"] = dtype

@@ -78,7 +78,9 @@ def step_inputs(recipe, transformer, size: int | None, references: int | None, s
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    ids = torch.cat([grid_ids(side, side), *reference_ids((side, side), list(ref_grids), model.position_scheme)])
+    # Memory depends on token counts, not on where the ids put the references.
+    scheme = "diagonal" if model.position_scheme == "diagonal" else "frame"
+    ids = torch.cat([grid_ids(side, side), *reference_ids((side, side), list(ref_grids), scheme)])
     prompt = PromptEmbeds(randn(b, tokens.text, config.joint_attention_dim), randn(b, config.pooled_projection_dim),
                           torch.zeros(tokens.text, 3))
     group = obj.GroupInput(hidden=randn(b, n, config.in_channels), ids=ids, prompt=prompt,

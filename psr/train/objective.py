@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from psr.core.model import MultiRefFlux, PromptEmbeds
 from psr.core.packing import pack
-from psr.core.positions import grid_ids, reference_ids
+from psr.core.positions import grid_ids
 
 
 def step_generator(seed: int, step: int, micro: int, sample: int) -> torch.Generator:
@@ -166,7 +166,7 @@ def group_input(model: MultiRefFlux, encoders: Encoders, batch, rows: list[int],
             latents = encoders.latents(keys, [batch.references[b][k] for b in rows])
             per_ref.append(pack(latents).to(dtype))
         hidden = torch.cat([hidden, *per_ref], dim=1)
-        ids = torch.cat([ids, *reference_ids(grid, list(ref_grids), model.position_scheme)])
+        ids = torch.cat([ids, model.reference_positions(grid, ref_grids, batch.prompts[rows[0]])])
     text = PromptEmbeds(prompt.embeds[sel.to(prompt.embeds.device)].to(dtype),
                         prompt.pooled[sel.to(prompt.pooled.device)].to(dtype), prompt.ids)
     return GroupInput(hidden=hidden, ids=ids.to(device), prompt=text, timestep=sigma.to(dtype),

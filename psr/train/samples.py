@@ -52,7 +52,7 @@ def generate_one(model: MultiRefFlux, prompt: str, references: list[Image.Image]
     guidance branch); `guidance` as in `MultiRefFlux.generate`."""
     grid = (size // model.token_stride, size // model.token_stride)
     text = model.encode_prompt([prompt])
-    refs = model.encode_references(references, grid)
+    refs = model.encode_references(references, grid, prompt)
     latents = model.noise([seed], size, size)
     schedule = flux_schedule(model.components.scheduler.config, steps, grid[0] * grid[1])
     how = Guidance.for_model(model.transformer, guidance, image_guidance)

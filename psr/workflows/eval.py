@@ -1,7 +1,8 @@
 """`psr eval`: generate a PSRBench-format bench with a model, then score the outputs.
 
-Phases: check everything (bench files, subsets, recipe, --compare file) before any weights
-load → make the missing output images → write OUT/<Subset>.json (the bench items with
+Phases: check everything (bench files, subsets, recipe, devices, weights path, --compare
+file, and that OUT holds no images of another generator) before anything is written or any
+weights load → make the missing output images → write OUT/<Subset>.json (the bench items with
 `result_path`) → score every sample through the disk cache → write results.json,
 samples.json, results.md and the contact sheets. Each phase resumes: images on disk are
 kept, cached perception is reused, so a killed run picks up where it stopped and a
@@ -22,9 +23,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
-from psr.core.presets import PRESETS
+from psr.core.components import resolve_device
+from psr.core.io import output_dir, write_json_atomic, write_text_atomic
 from psr.core.recipe import to_toml
+from psr.core.schema import check_generation
 from psr.errors import UserError
 from psr.eval import report
 from psr.eval.bench import Bench, Item, load_bench, with_result_paths
@@ -34,6 +36,7 @@ from psr.eval.generation import generate_missing, output_path, reconstruct_missi
 from psr.eval.perception import Perception
 from psr.eval.scoring import PENALTY, load_references, metric_names, score_sample
 from psr.eval.sheets import write_sheets
+from psr.workflows.generate import check_model_inputs
 
 
 def _weights_fingerprint(path: str | None) -> list:
@@ -78,15 +81,27 @@ def _generator_hash(recipe: EvalRecipe, mode: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _check_same_generator(out: Path, recipe: EvalRecipe, mode: str) -> None:
+def _holds_results(out: Path) -> bool:
+    """Whether `out` holds what a run made (images or results), not only psr's own
+    metadata from a run that was refused or failed before it made anything."""
+    images = out / "images"
+    return (out / "results.json").is_file() or (images.is_dir() and any(images.rglob("*.png")))
+
+
+def _check_same_generator(out: Path, recipe: EvalRecipe, mode: str) -> str:
+    """The generator hash of this run; refuses an output folder whose images were made by
+    another generator. Writes nothing: the caller stamps the folder once every check passed."""
     stamp = out / "eval.json"
     digest = _generator_hash(recipe, mode)
-    if stamp.is_file():
-        previous = json.loads(stamp.read_text()).get("generator")
+    if stamp.is_file() and _holds_results(out):
+        try:
+            previous = json.loads(stamp.read_text(encoding="utf-8")).get("generator")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            previous = None
         if previous != digest:
             raise UserError(f"output {out}: holds images made with another model or sampling setup "
                             f"(hash {previous}, this one {digest}); choose another --out")
-    write_json_atomic(stamp, {"generator": digest})
+    return digest
 
 
 def _samples(mode: str, bench: Bench, items: Sequence[Item], out: Path, recipe: EvalRecipe,
@@ -131,12 +146,6 @@ def _check_inputs(mode: str, recipe: EvalRecipe, items: Sequence[Item]) -> None:
             if len(it.references) > limit:
                 raise UserError(f"bench {it.where}: {len(it.references)} references, but this recipe allows at "
                                 f"most {limit} (model.max_references)")
-    if mode in ("generate", "reconstruct"):
-        stride = PRESETS[recipe.model.preset].token_stride
-        for name, value in (("height", recipe.sample.height), ("width", recipe.sample.width)):
-            if value % stride:
-                raise UserError(f"sample.{name} {value}: must be a multiple of {stride} (pixels per token of "
-                                f"preset {recipe.model.preset!r})")
 
 
 def parse_subsets(text: str | None) -> list[str]:
@@ -167,16 +176,22 @@ def run_eval(recipe: EvalRecipe, bench_dir: str, out_dir: str, *, score_only: bo
     _check_inputs(mode, recipe, items)
     if Path(out_dir).expanduser().resolve() == bench.root.resolve():
         raise UserError(f"--out {out_dir}: is the bench folder; choose another (the bench stays unchanged)")
-    out = prepare_output_dir(out_dir)
-    write_text_atomic(out / "recipe.toml", to_toml(recipe, header=f"resolved recipe of psr eval ({mode})"))
-
-    generated, gen_failures = 0, {}
-    if mode == "generate":
-        _check_same_generator(out, recipe, mode)
-        generated, gen_failures = generate_missing(recipe, out, items, show_progress)
-    elif mode == "reconstruct":
-        _check_same_generator(out, recipe, mode)
-        generated, gen_failures = reconstruct_missing(recipe, out, bench, items, show_progress)
+    resolve_device(recipe.device)
+    if mode in ("generate", "reconstruct"):
+        check_generation(recipe.model, recipe.sample)
+        check_model_inputs(recipe.model)
+    # Every check above and the same-generator check below run before anything is written:
+    # a refused run leaves the folder, and the recipe of the run that made it, as they were.
+    with output_dir(out_dir) as out:
+        digest = _check_same_generator(out, recipe, mode) if mode in ("generate", "reconstruct") else None
+        write_text_atomic(out / "recipe.toml", to_toml(recipe, header=f"resolved recipe of psr eval ({mode})"))
+        if digest is not None:
+            write_json_atomic(out / "eval.json", {"generator": digest})
+        generated, gen_failures = 0, {}
+        if mode == "generate":
+            generated, gen_failures = generate_missing(recipe, out, items, show_progress)
+        elif mode == "reconstruct":
+            generated, gen_failures = reconstruct_missing(recipe, out, bench, items, show_progress)
     samples, result_paths = _samples(mode, bench, items, out, recipe, gen_failures)
     for name in chosen:
         data = with_result_paths(bench, name, result_paths.get(name, {}))

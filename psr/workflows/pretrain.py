@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from psr.core.adapters import apply_adapter, input_dtype, load_trainable
 from psr.core.attention import TokenLayout
@@ -35,8 +35,8 @@ from psr.core.packing import pack
 from psr.core.presets import PRESETS
 from psr.core.recipe import load_recipe, to_toml
 from psr.core.refstream import cached_references
-from psr.core.weights import frozen_count
 from psr.core.regularizers import RegBatch, active_specs, make_capture, regularizer_losses, regularizer_weight
+from psr.core.weights import frozen_count
 from psr.errors import UserError
 from psr.train import TrainingError, optim
 from psr.train import checkpoint as ckpt
@@ -112,8 +112,13 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
 
     rows = TrainRows(dataset, stride, recipe.model.reference_size, recipe.data.max_references,
                      recipe.model.resize_rule)
-    sampler = ResumableBatchSampler(rows.layout_keys(), recipe.train.batch_size, recipe.train.seed,
-                                    accelerator.process_index, accelerator.num_processes,
+    set_seed(recipe.train.seed)  # adapter initialisation; everything per step has its own generator
+
+    model = MultiRefFlux.from_config(dataclasses.replace(recipe.model, device=str(device)))
+    for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
+        frozen.requires_grad_(False).eval()
+    sampler = ResumableBatchSampler(rows.layout_keys(position_key(model)), recipe.train.batch_size,
+                                    recipe.train.seed, accelerator.process_index, accelerator.num_processes,
                                     start * recipe.train.grad_accum)
     # Its own generator: an iterator otherwise draws its base seed from the global one,
     # which LoRA dropout shares, and a resumed run would draw it at another point.
@@ -121,11 +126,6 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
                                          num_workers=recipe.data.num_workers,
                                          persistent_workers=recipe.data.num_workers > 0,
                                          generator=torch.Generator().manual_seed(recipe.train.seed))
-    set_seed(recipe.train.seed)  # adapter initialisation; everything per step has its own generator
-
-    model = MultiRefFlux.from_config(dataclasses.replace(recipe.model, device=str(device)))
-    for frozen in (model.vae, model.components.text_encoder, model.components.text_encoder_2):
-        frozen.requires_grad_(False).eval()
     transformer = model.transformer
     # Weights that model.weights kept as frozen modules: this run's result needs them below it.
     below = [str(Path(recipe.model.weights).expanduser().resolve())] if frozen_count(transformer) else []
@@ -185,6 +185,12 @@ def term_names(recipe: PretrainRecipe, step: int) -> list[str]:
     return names + (["moe_aux"] if recipe.adapter.kind == "moe_lora" else []) + ["loss"]
 
 
+def position_key(model) -> Callable[[str, int], str] | None:
+    """What besides the reference grids decides a row's position ids: the layout scheme's
+    table key (reference count and the relation the prompt names); None otherwise."""
+    return model.reference_layout.key if model.position_scheme == "layout" else None
+
+
 def group_losses(run: Run, batch, rows: list[int], group, pred, capture, layout, step: int, ref_rows: int):
     """(terms for logging, total to backward) of one group; each term is weighted by the
     group's share so that the sums over groups are batch means."""
@@ -229,7 +235,7 @@ def micro_step(run: Run, batch, generators, step: int, last: bool) -> dict[str, 
     prompt = run.encoders.prompts(["" if d else p for p, d in zip(batch.prompts, drop_text)])
     guidance = r.train.guidance if model.transformer.config.guidance_embeds else None
     dtype = input_dtype(model.transformer, r.adapter.kind)
-    groups = batch.groups([not d for d in drop_refs])
+    groups = batch.groups([not d for d in drop_refs], position_key(model))
     ref_rows = sum(len(g) for g in groups if not drop_refs[g[0]] and batch.ref_grids[g[0]])
     terms = dict.fromkeys(term_names(r, step), 0.0)
     for k, rows in enumerate(groups):

@@ -11,6 +11,7 @@ the result is the same bytes however the work was split or interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from psr.core.io import prepare_output_dir, write_json_atomic, write_text_atomic
 from psr.core.recipe import to_toml
+from psr.core.runlock import RunLock
 from psr.errors import UserError
 from psr.synth import dataset as ds
 from psr.synth.config import SynthRecipe
@@ -39,14 +41,19 @@ def recipe_hash(recipe: SynthRecipe) -> str:
 
 def _check_same_recipe(out: Path, digest: str) -> None:
     info = out / "dataset.json"
-    if info.is_file():
-        previous = json.loads(info.read_text()).get("recipe_hash")
+    try:
+        previous = json.loads(info.read_bytes()).get("recipe_hash") if info.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        # dataset.json is rewritten when the run ends; a damaged one proves nothing, and
+        # the manifest's own stamp still guards against mixing recipes.
+        previous = None
+    if previous is not None:
         if previous != digest:
             raise UserError(f"output {out}: holds data from another recipe (hash {previous}, this one {digest}); "
                             "choose another --out")
     elif (out / "manifest").is_dir() and any((out / "manifest").glob("*.jsonl")):
         stamp = out / "manifest" / "recipe_hash"
-        if stamp.is_file() and stamp.read_text().strip() != digest:
+        if stamp.is_file() and stamp.read_bytes().strip() != digest.encode():
             raise UserError(f"output {out}: holds a partial dataset from another recipe; choose another --out")
 
 
@@ -79,31 +86,51 @@ def run_synth(recipe: SynthRecipe, out_dir: str, num_samples: int | None = None,
             raise UserError("--num-samples: must be >= 1")
         recipe = dataclasses.replace(recipe, num_samples=num_samples)
     if recipe.format == "psrbench":
-        return export_psrbench(recipe, out_dir, recipe_hash(recipe), show_progress=show_progress)
+        out = prepare_output_dir(out_dir)
+        with RunLock(out, "psr synth"):
+            return export_psrbench(recipe, out_dir, recipe_hash(recipe), show_progress=show_progress)
 
     from accelerate import PartialState
-    from tqdm import tqdm
 
     # ToyWorld needs no accelerator; cpu=True also makes torchrun-launched CPU processes
     # form a gloo group (accelerate's launcher starts one CPU process only).
     state = PartialState(cpu=recipe.device == "cpu" or recipe.source == "toyworld")
     out = prepare_output_dir(out_dir)
+    # The main process holds the folder for all of them: startup deletes every staging
+    # folder it finds, which is only safe when no other run is writing there.
+    with RunLock(out, "psr synth") if state.is_main_process else contextlib.nullcontext():
+        return _fill(recipe, out, state, show_progress)
+
+
+def _fill(recipe: SynthRecipe, out: Path, state, show_progress: bool) -> dict:
+    """`run_synth`'s work, done while the main process holds the folder."""
+    from tqdm import tqdm
+
     digest = recipe_hash(recipe)
     _check_same_recipe(out, digest)
     n = recipe.num_samples
     num_shards = ds.num_shards_for(n, recipe.shard_size)
     if state.is_main_process:
-        (out / "shards").mkdir(exist_ok=True)
-        (out / "manifest").mkdir(exist_ok=True)
+        for folder in ("shards", "manifest"):
+            with ds.writing_to(out, f"{folder}/"):
+                (out / folder).mkdir(exist_ok=True)
         if not (out / "manifest" / "recipe_hash").is_file():
-            write_text_atomic(out / "manifest" / "recipe_hash", digest + "\n")
-        write_text_atomic(out / "recipe.toml", to_toml(recipe, header="resolved recipe of this dataset"))
+            with ds.writing_to(out, "manifest/recipe_hash"):
+                write_text_atomic(out / "manifest" / "recipe_hash", digest + "\n")
+        with ds.writing_to(out, "recipe.toml"):
+            write_text_atomic(out / "recipe.toml", to_toml(recipe, header="resolved recipe of this dataset"))
         for stale in (out / "shards").glob(".tmp-*"):  # staging folders of killed runs
             shutil.rmtree(stale, ignore_errors=True)
     state.wait_for_everyone()
 
     mine = [s for s in range(num_shards) if s % state.num_processes == state.process_index]
-    todo = [s for s in mine if not ds.shard_is_complete(out, s, recipe.shard_size, n)]
+    todo = []
+    for s in mine:
+        complete, damage = ds.check_shard(out, s, recipe.shard_size, n)
+        if damage:
+            print(f"psr synth: shard {ds.shard_name(s)} is damaged ({damage}); redoing it", file=sys.stderr)
+        if not complete:
+            todo.append(s)
     todo_samples = sum(len(ds.shard_indices(s, recipe.shard_size, n)) for s in todo)
     device = str(state.device)
     jobs = [(recipe, str(out), s, n, digest, device) for s in todo]
@@ -128,7 +155,8 @@ def run_synth(recipe: SynthRecipe, out_dir: str, num_samples: int | None = None,
 
     summary = {}
     if state.is_main_process:
-        rows_total = ds.merge_manifest(out, num_shards)
+        with ds.writing_to(out, "manifest.jsonl"):
+            rows_total = ds.merge_manifest(out, num_shards)
         rejected_total = sum(
             len(p.read_text().splitlines()) for p in (out / "manifest").glob("*.rejected.jsonl"))
         summary = {
@@ -136,7 +164,8 @@ def run_synth(recipe: SynthRecipe, out_dir: str, num_samples: int | None = None,
             "num_samples": n, "rows": rows_total, "rejected": rejected_total,
             "shard_size": recipe.shard_size, "num_shards": num_shards, "token_stride": recipe.token_stride,
         }
-        write_json_atomic(out / "dataset.json", summary)
+        with ds.writing_to(out, "dataset.json"):
+            write_json_atomic(out / "dataset.json", summary)
         rate = todo_samples / elapsed if elapsed > 0 and todo_samples else 0.0
         if todo:
             who = "" if state.num_processes == 1 else f" by process 0 of {state.num_processes}"
