@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,19 @@ def test_process_alive():
     assert process_alive(os.getpid())
     assert not process_alive(_dead_pid())
     assert not process_alive(0) and not process_alive(-1)
+
+
+@pytest.mark.parametrize("command, recipe", [("pretrain", "pretrain-toy.toml"), ("rl", "grpo-toy.toml")])
+def test_training_into_a_folder_another_run_holds_is_refused_before_it_starts(tmp_path, capsys, command, recipe):
+    from psr.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    with RunLock(out, f"psr {command}"):
+        capsys.readouterr()
+        assert main([command, "--recipe", str(root / "recipes" / recipe), "--out", str(out), "--resume", "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"PID {os.getpid()}" in err[0] and "one run per folder" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing of the refused run
+    assert not (out / LOCK_NAME).exists()

@@ -16,6 +16,7 @@ another host sharing the folder counts as live; the refusal says how to clear it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from psr.core.io import output_dir
 from psr.errors import UserError
 
 LOCK_NAME = ".psr-lock"
@@ -198,3 +200,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def holding(folder: str | Path, command: str):
+    """`folder` (created if needed) held by this launch for the block: the main process
+    (RANK 0, or no launcher) takes the lock, the others rely on it. A folder this call
+    created is removed again when the block fails before anything was written into it."""
+    with output_dir(folder) as out:
+        if int(os.environ.get("RANK", "0")) != 0:
+            yield out
+            return
+        with RunLock(out, command):
+            yield out

@@ -36,6 +36,7 @@ from psr.core.presets import PRESETS
 from psr.core.recipe import load_recipe, to_toml
 from psr.core.refstream import cached_references
 from psr.core.regularizers import RegBatch, active_specs, make_capture, regularizer_losses, regularizer_weight
+from psr.core.runlock import holding
 from psr.core.weights import frozen_count
 from psr.errors import UserError
 from psr.train import TrainingError, optim
@@ -386,10 +387,13 @@ def run_pretrain(recipe: PretrainRecipe, resume: bool = False, show_progress: bo
     Raises `UserError` for bad input (before any weights load where possible) and
     `TrainingError` when a loss term stops being finite.
     """
-    run = setup(recipe, resume, show_progress)
-    try:
-        last = train(run, show_progress)
-        summary = finish(run)
-    finally:
-        cleanup(run)
+    # One run per folder: a second run (even with --resume) while this one lives would
+    # interleave checkpoints and clean the live run's unfinished ones.
+    with holding(recipe.out, "psr pretrain"):
+        run = setup(recipe, resume, show_progress)
+        try:
+            last = train(run, show_progress)
+            summary = finish(run)
+        finally:
+            cleanup(run)
     return {**summary, "terms": last}

@@ -26,6 +26,7 @@ from psr.core.lora import moe_aux_loss
 from psr.core.model import MultiRefFlux
 from psr.core.presets import PRESETS
 from psr.core.recipe import load_recipe, to_toml
+from psr.core.runlock import holding
 from psr.core.weights import frozen_count, load_weights
 from psr.errors import UserError
 from psr.rewards import build_rewards
@@ -401,10 +402,13 @@ def run_rl(recipe: RlRecipe, resume: bool = False, show_progress: bool = True,
     Raises `UserError` for bad input (before any weights load where possible) and
     `TrainingError` when a loss term stops being finite.
     """
-    run = setup(recipe, resume, show_progress, rewards)
-    try:
-        last = train(run, show_progress)
-        summary = finish(run)
-    finally:
-        cleanup(run)
+    # One run per folder: a second run (even with --resume) while this one lives would
+    # interleave checkpoints and clean the live run's unfinished ones.
+    with holding(recipe.out, "psr rl"):
+        run = setup(recipe, resume, show_progress, rewards)
+        try:
+            last = train(run, show_progress)
+            summary = finish(run)
+        finally:
+            cleanup(run)
     return {**summary, "terms": last}
