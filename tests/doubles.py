@@ -31,6 +31,15 @@ class MeanColour:
         raise NotImplementedError
 
 
+def psr_reward_on_doubles():
+    """psr's consistency reward with ToyWorld's perception swapped for the doubles above: a
+    random tiny model's images hold nothing ToyWorld's would find, and equal rewards train
+    nothing."""
+    from psr.rewards import RewardSpec, build_rewards
+
+    return build_rewards([RewardSpec("psr", options={"extractor": MeanColour(), "localizer": WholeImage()})])
+
+
 @contextlib.contextmanager
 def killed_after_first_checkpoint(monkeypatch, workflow):
     """Inside the block, `workflow.save_checkpoint` writes its checkpoint and then raises

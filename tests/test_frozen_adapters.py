@@ -14,7 +14,7 @@ from PIL import Image
 from psr.cli import main
 from psr.cli.recipes import load_recipe
 from psr.errors import UserError
-from doubles import MeanColour, WholeImage
+from doubles import psr_reward_on_doubles
 
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"
@@ -35,9 +35,7 @@ def _sets(overrides):
 def _reward(specs, device):
     """The recipe's rewards with ToyWorld's perception swapped for doubles: a random tiny
     model's images hold nothing it would find, and equal rewards train nothing."""
-    from psr.rewards import RewardSpec, build_rewards
-
-    return build_rewards([RewardSpec("psr", options={"extractor": MeanColour(), "localizer": WholeImage()})])
+    return psr_reward_on_doubles()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from doubles import MeanColour, WholeImage, killed_after_first_checkpoint
+from doubles import killed_after_first_checkpoint, psr_reward_on_doubles
 
 from psr.cli import main
 from psr.cli.recipes import load_recipe
@@ -26,9 +26,7 @@ TIMING = ("rollout_images_per_s", "update_steps_per_s", "reward_time_share", "pa
 
 @pytest.fixture(scope="module")
 def reward():
-    from psr.rewards import RewardSpec, build_rewards
-
-    return build_rewards([RewardSpec("psr", options={"extractor": MeanColour(), "localizer": WholeImage()})])
+    return psr_reward_on_doubles()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from psr.core.components import FluxComponents, cpu_has_bfloat16, resolve_device
 from psr.core.lora import lora_token_mask
 from psr.core.packing import pack, unpack
 from psr.core.positions import ReferenceLayout, grid_ids, reference_ids
-from psr.core.presets import model_card
+from psr.core.presets import run_record
 from psr.core.refstream import ReferenceKV, cached_references, reference_kv
 from psr.core.sampler import euler_sample, flux_schedule
 from psr.core.schema import REFERENCE_MODES
@@ -118,13 +117,9 @@ def card_reference_layout(config) -> ReferenceLayout | None:
     if config.position_scheme != "layout":
         return None
     for source in (config.weights, config.path):
-        if not source:
-            continue
-        folder = Path(source).expanduser()
-        folder = folder.parent if folder.is_file() else folder
-        table = model_card(str(folder)).get("reference_layout")
-        if table is not None:
-            return ReferenceLayout.from_dict(table, f"{folder / 'psr_model.json'}")
+        _, info, where = run_record(source)
+        if info.get("reference_layout") is not None:
+            return ReferenceLayout.from_dict(info["reference_layout"], str(where))
     return None
 
 

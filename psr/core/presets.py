@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from psr.core.components import load_components
+from psr.core.recipe import read_toml
 from psr.core.registry import Registry
 from psr.core.tiny import build_tiny_components
 from psr.errors import UserError
@@ -86,11 +87,13 @@ PRESETS: Registry[Preset] = Registry("preset", {
 })
 
 
-def model_card(model_path: str | None) -> dict:
-    """The `psr_model.json` card of a local model folder; {} for a hub id or a folder without one."""
-    card = Path(model_path).expanduser() / "psr_model.json" if model_path else None
-    if card is None or not card.is_file():
-        return {}
+STATE = "state.json"
+"""The file that makes a folder a psr checkpoint (with its `recipe.toml`)."""
+CARDS = ("psr_model.json", "psr_lora.json")
+"""What psr writes beside exported weights: a model folder's card, a LoRA file's card."""
+
+
+def _read_card(card: Path) -> dict:
     try:
         info = json.loads(card.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -98,6 +101,28 @@ def model_card(model_path: str | None) -> dict:
     if not isinstance(info, dict):
         raise UserError(f"{card}: a model card must be a JSON object")
     return info
+
+
+def model_card(model_path: str | None) -> dict:
+    """The `psr_model.json` card of a local model folder; {} for a hub id or a folder without one."""
+    card = Path(model_path).expanduser() / CARDS[0] if model_path else None
+    return _read_card(card) if card is not None and card.is_file() else {}
+
+
+def run_record(source: str | None) -> tuple[str, dict, Path | None]:
+    """What a psr run wrote about the weights at `source` (a file, or its folder): ("checkpoint",
+    the `[model]` table of the checkpoint's recipe, its path), ("card", the card, its path),
+    or ("", {}, None) for a hub id or a folder that no psr run wrote."""
+    if not source:
+        return "", {}, None
+    folder = Path(source).expanduser()
+    folder = folder.parent if folder.is_file() else folder
+    if (folder / STATE).is_file() and (folder / "recipe.toml").is_file():
+        return "checkpoint", read_toml(folder / "recipe.toml").get("model", {}), folder / "recipe.toml"
+    for name in CARDS:
+        if (folder / name).is_file():
+            return "card", _read_card(folder / name), folder / name
+    return "", {}, None
 
 
 def embedded_model_note(model_path: str) -> str | None:

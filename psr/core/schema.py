@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 from psr.core.images import RESIZE_RULES
-from psr.core.presets import PRESETS, model_card
-from psr.core.recipe import _suggest, read_toml
+from psr.core.presets import PRESETS, run_record
+from psr.core.recipe import _suggest
 from psr.core.recipe import require as _require
 from psr.errors import UserError
 
@@ -163,15 +162,7 @@ def trained_position_scheme(weights: str | None, path: str | None) -> str:
     checkpoint's recipe, or the card of the weights' folder, else of the model folder);
     'frame' where nothing does."""
     for source in (weights, path):
-        if not source:
-            continue
-        folder = Path(source).expanduser()
-        folder = folder.parent if folder.is_file() else folder
-        if (folder / "state.json").is_file() and (folder / "recipe.toml").is_file():
-            scheme = read_toml(folder / "recipe.toml").get("model", {}).get("position_scheme")
-        else:
-            scheme = model_card(str(folder)).get("position_scheme")
-        if scheme:
+        if scheme := run_record(source)[1].get("position_scheme"):
             return scheme
     return "frame"
 

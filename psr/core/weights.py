@@ -54,15 +54,11 @@ from psr.core.moe_lora import (
     has_frozen_adapters,
     load_moe_lora,
 )
-from psr.core.presets import PRESETS
+from psr.core.presets import CARDS, PRESETS, STATE, run_record
 from psr.core.recipe import build, read_toml
 from psr.core.schema import ModelConfig
 from psr.errors import UserError
 
-STATE = "state.json"
-"""The file that marks a complete training checkpoint folder (written last)."""
-CARDS = ("psr_lora.json", "psr_model.json")
-"""The cards a run's export carries (adapter, full model)."""
 FROZEN_NAME = "frozen"
 """peft adapter names of LoRA loaded as frozen modules: frozen_0, frozen_1, …"""
 MAX_CHAIN = 8
@@ -264,16 +260,9 @@ def trained_reference_mode(source: str | None) -> str | None:
     checkpoint's recipe, or the card beside a run's export (`psr_model.json`, `psr_lora.json`;
     cards and recipes written before the key existed mean "joint"). None for anything else
     (a hub id, a folder without a card, a LoRA file from elsewhere)."""
-    if not source:
-        return None
-    path = Path(source).expanduser()
-    folder = path.parent if path.is_file() else path
-    if (folder / STATE).is_file() and (folder / "recipe.toml").is_file():
-        return read_toml(folder / "recipe.toml").get("model", {}).get("reference_mode", "joint")
-    for card in ("psr_model.json", "psr_lora.json"):
-        if (folder / card).is_file():
-            info = json.loads((folder / card).read_text())
-            return info.get("reference_mode", "joint") if info.get("trained") else None
+    kind, info, _ = run_record(source)
+    if kind == "checkpoint" or (kind == "card" and info.get("trained")):
+        return info.get("reference_mode", "joint")
     return None
 
 
