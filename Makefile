@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/psr generate --ref examples/refs/subject-a.png --ref examples/refs/subject-b.png \
 		"the cyan checkered heart creature above the orange checkered drop creature, in the sky" \
-		--image-guidance 2 --num-images 4 --sheet --out psr-out/demo
+		--num-images 4 --sheet --out psr-out/demo
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_synth.py
 	OMP_NUM_THREADS=1 $(PY) bench/bench_regularizers.py
 	$(PY) bench/bench_toy_perception.py
+	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_rl.py
 
 clean:

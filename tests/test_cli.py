@@ -41,7 +41,7 @@ def test_generate_writes_pngs_sidecars_and_resolved_recipe(tmp_path, refs, capsy
     assert meta["prompt"] == "a cat and a box" and meta["seed"] == 6 and meta["steps"] == 2
     assert meta["references"][0]["sha256"] == hashlib.sha256(open(refs[0], "rb").read()).hexdigest()
     assert meta["recipe"]["model"]["preset"] == "embedded"
-    assert meta["recipe"]["sample"] == {"steps": 2, "guidance": 3.0, "image_guidance": 1.0, "height": 32, "width": 48,
+    assert meta["recipe"]["sample"] == {"steps": 2, "guidance": 3.0, "image_guidance": 4.0, "height": 32, "width": 48,
                                         "num_images": 2, "seed": 5}
     # The written recipe reproduces the run: same command, same bytes.
     code, _, _ = _run(capsys, "generate", "--ref", refs[0], "--ref", refs[1], "a cat and a box", "--out",

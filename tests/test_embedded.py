@@ -129,6 +129,37 @@ def test_base_folder_is_small_and_loads_through_the_embedded_preset(tmp_path, de
     assert images[0].size == (64, 64)
 
 
+def test_committed_stage1_checkpoint_is_the_one_stage2_reads(default_components):
+    """weights/embedded-stage1/step_010000 stands in for the chain's untracked runs/embedded
+    checkpoint (docs/embedded.md): a pretrain checkpoint of the shipped stage-1 recipe whose
+    EMA weights load into the embedded transformer as they are."""
+    import copy
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from psr.cli.recipes import load_recipe
+    from psr.core.recipe import read_toml
+    from psr.core.weights import load_weights, weights_kind
+
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "weights" / "embedded-stage1" / "step_010000"
+    assert weights_kind(str(folder)) == "checkpoint"
+    stage1 = read_toml(folder / "recipe.toml")
+    assert stage1["command"] == "pretrain" and stage1["train"]["steps"] == 10000
+    assert stage1["model"]["position_scheme"] == "layout"
+    assert json.loads((folder / "state.json").read_text())["step"] == 10000
+    stage2 = load_recipe("pretrain", str(root / "recipes" / "pretrain-embedded-anneal.toml"))
+    assert Path(stage2.model.weights).name == folder.name
+
+    transformer = copy.deepcopy(default_components.transformer)
+    assert "ema.safetensors" in load_weights(transformer, str(folder))
+    ema = load_file(str(folder / "ema.safetensors"))
+    state = transformer.state_dict()
+    assert set(ema) == set(state)
+    assert all(torch.equal(state[name], value) for name, value in ema.items())
+
+
 def test_missing_vae_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="fit-toy-vae"):
         load_toy_vae(tmp_path / "nothing")

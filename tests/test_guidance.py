@@ -123,6 +123,20 @@ def test_bad_guidance_values_are_refused(key, value, message):
         load_recipe("generate", overrides=[f"{key}={value}"])
 
 
+@pytest.mark.parametrize("preset,overrides,expected", [
+    ("embedded", [], 4.0),  # the sweep's best for the shipped weights (docs/embedded.md)
+    ("embedded", ["sample.image_guidance=1.0"], 1.0),  # an explicit value wins, 1 included
+    ("tiny", [], 1.0),
+    ("flux-kontext", [], 1.0),
+])
+def test_image_guidance_left_out_takes_the_presets(preset, overrides, expected):
+    from psr.cli.recipes import load_recipe
+    from psr.core.schema import resolve_generate
+
+    recipe = load_recipe("generate", overrides=[f'model.preset="{preset}"', 'model.path="x"', *overrides])
+    assert resolve_generate(recipe).sample.image_guidance == expected
+
+
 def test_rl_refuses_guidance_it_would_not_apply():
     """RL rollouts sample the unguided policy: a CFG scale there would be silently ignored."""
     from psr.cli.recipes import load_recipe

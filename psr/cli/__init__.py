@@ -88,7 +88,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(
         help="Guidance embedding value, or the prompt's CFG scale for a model without one.")] = None,
     image_guidance: Annotated[Optional[float], typer.Option(
-        "--image-guidance", help="CFG scale over the references (1 is off).")] = None,
+        "--image-guidance", help="CFG scale over the references (1 is off; default: the preset's, 4 for embedded).")] = None,
     size: Annotated[Optional[str], typer.Option(help="N or WIDTHxHEIGHT in pixels.")] = None,
     num_images: Annotated[Optional[int], typer.Option("--num-images", "-n", help="Images to make.")] = None,
     sheet: Annotated[bool, typer.Option(

@@ -46,6 +46,9 @@ class Preset:
     reference_resize: str = "longest"
     """Default rule that brings a reference to the grid (`psr.core.images.RESIZE_RULES`):
     "kontext" where the checkpoint was trained on Kontext's resolutions."""
+    image_guidance: float = 1.0
+    """Default classifier-free guidance scale over the references (1 is off): the value measured
+    best for the preset's shipped weights, where it has some."""
 
 
 def _load_pretrained(config: "ModelConfig") -> "FluxComponents":
@@ -66,7 +69,7 @@ PRESETS: Registry[Preset] = Registry("preset", {
         description="the embedded architecture trained on ToyWorld, weights shipped in the package (CPU-friendly)",
         load=_load_pretrained, needs_path=True, dtype="float32", size=64, reference_size=32,
         max_sequence_length=64, steps=8, guidance=3.0, token_stride=8, default_path=str(EMBEDDED_DIR),
-        guidance_embeds=False,
+        guidance_embeds=False, image_guidance=4.0,  # docs/embedded.md: the guidance sweep
     ),
     "tiny": Preset(
         description="the tiny architecture, random-init from configs (tests, benchmarks)",

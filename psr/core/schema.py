@@ -108,9 +108,10 @@ class SampleConfig:
     guidance: float | None = None
     """The guidance-embedding value of a guidance-distilled model (FLUX.1-dev, Kontext), else
     the classifier-free guidance scale over the prompt (1 is off); None takes the preset's."""
-    image_guidance: float = 1.0
+    image_guidance: float | None = None
     """Classifier-free guidance scale over the references (InstructPix2Pix's image scale;
-    1 is off). Each scale that is not 1 adds a transformer forward per step."""
+    1 is off); None takes the preset's. Each scale that is not 1 adds a transformer forward
+    per step."""
     height: int | None = None
     width: int | None = None
     num_images: int = 1
@@ -122,8 +123,8 @@ class SampleConfig:
         _require(self.steps is None or self.steps <= MAX_STEPS, "steps", f"must be <= {MAX_STEPS}")
         _require(self.guidance is None or (self.guidance >= 0 and math.isfinite(self.guidance)), "guidance",
                  "must be a finite number >= 0")
-        _require(self.image_guidance >= 0 and math.isfinite(self.image_guidance), "image_guidance",
-                 "must be a finite number >= 0 (1 is off)")
+        _require(self.image_guidance is None or (self.image_guidance >= 0 and math.isfinite(self.image_guidance)),
+                 "image_guidance", "must be a finite number >= 0 (1 is off)")
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value >= 16, name, "must be >= 16 pixels")
@@ -191,6 +192,7 @@ def resolve_generate(recipe: GenerateRecipe) -> GenerateRecipe:
         recipe.sample,
         steps=recipe.sample.steps or preset.steps,
         guidance=preset.guidance if recipe.sample.guidance is None else recipe.sample.guidance,
+        image_guidance=preset.image_guidance if recipe.sample.image_guidance is None else recipe.sample.image_guidance,
         height=recipe.sample.height or preset.size,
         width=recipe.sample.width or preset.size,
     )
