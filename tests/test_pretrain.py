@@ -342,6 +342,19 @@ def test_existing_run_needs_resume_and_the_same_recipe(toy_data, tmp_path, capsy
         _train(toy_data, out, "train.steps=4", "train.lr=1e-3", resume=True)
 
 
+def test_resume_refuses_new_steps_for_a_decaying_schedule(toy_data, tmp_path, one_thread):
+    """train.steps is not hashed, so a constant-rate run can be carried on; under a cosine
+    schedule the total decides every step's rate, so resuming with another total is refused."""
+    out = tmp_path / "run"
+    _train(toy_data, out, "train.steps=2", 'train.schedule="cosine"')
+    with pytest.raises(UserError, match=r"decays its learning rate \(cosine\) over 2 steps; train\.steps 3"):
+        _train(toy_data, out, "train.steps=3", 'train.schedule="cosine"', resume=True)
+    constant = tmp_path / "constant"
+    _train(toy_data, constant, "train.steps=2", 'train.schedule="constant"')
+    _train(toy_data, constant, "train.steps=3", 'train.schedule="constant"', resume=True)
+    assert [r["step"] for r in _log(constant) if "loss" in r][-1] == 3
+
+
 def test_model_card_keeps_the_base_architecture_facts(tmp_path):
     from psr.train.export import _model_card
 
