@@ -355,6 +355,19 @@ def test_resume_refuses_new_steps_for_a_decaying_schedule(toy_data, tmp_path, on
     assert [r["step"] for r in _log(constant) if "loss" in r][-1] == 3
 
 
+@pytest.mark.parametrize("schedule, steps, refused", [
+    ("cosine", 40, False), ("cosine", 60, True), ("constant", 60, False)])
+def test_planned_steps_bind_a_decaying_schedule_only(tmp_path, schedule, steps, refused):
+    """The check `psr pretrain` and `psr rl` both make on --resume."""
+    (tmp_path / "recipe.toml").write_text(f'command = "rl"\n[train]\nsteps = 40\nschedule = "{schedule}"\n')
+    if refused:
+        with pytest.raises(UserError, match="over 40 steps; train.steps 60 .* train.steps=40"):
+            ckpt.check_planned_steps(tmp_path, schedule, steps)
+    else:
+        ckpt.check_planned_steps(tmp_path, schedule, steps)
+    ckpt.check_planned_steps(None, schedule, steps)  # nothing to resume: nothing to check
+
+
 def test_model_card_keeps_the_base_architecture_facts(tmp_path):
     from psr.train.export import _model_card
 

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from psr.core.io import write_json_atomic, write_text_atomic
+from psr.core.recipe import read_toml
 from psr.core.weights import STATE, load_tensors  # noqa: F401 (the checkpoint layout)
 from psr.errors import UserError
 
@@ -60,6 +61,21 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def check_planned_steps(latest: Path | None, schedule: str, steps: int) -> None:
+    """Refuse resuming `latest` with another `train.steps` under a decaying schedule.
+
+    train.steps is an operational key, left out of the hash so that a constant-rate run can
+    be carried on; a cosine schedule reads it for every step's rate, so another value would
+    change the learning rate of the steps still to come."""
+    if latest is None or schedule == "constant":
+        return
+    planned = read_toml(latest / "recipe.toml").get("train", {}).get("steps")
+    if planned != steps:
+        raise UserError(f"--resume: {latest} decays its learning rate ({schedule}) over {planned} steps; "
+                        f"train.steps {steps} would change that curve mid-run. Resume with train.steps={planned}, "
+                        f"or start a new run from its weights (--set model.weights={str(latest)!r})")
 
 
 def resumable_checkpoint(out: Path, digest: str, resume: bool,

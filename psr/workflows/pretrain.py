@@ -94,15 +94,7 @@ def setup(recipe: PretrainRecipe, resume: bool, show_progress: bool) -> Run:
         return recipe_difference(old, recipe)
 
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
-    # train.steps is left out of the hash so that a constant-rate run can be carried on; a
-    # decaying schedule reads it, so another value would bend the curve mid-run.
-    if latest is not None and recipe.train.schedule != "constant":
-        planned = load_recipe(PretrainRecipe, str(latest / "recipe.toml")).train.steps
-        if planned != recipe.train.steps:
-            raise UserError(f"--resume: {latest} decays its learning rate ({recipe.train.schedule}) over {planned} "
-                            f"steps; train.steps {recipe.train.steps} would change that curve mid-run. Resume with "
-                            f"train.steps={planned}, or start a new run from its weights "
-                            f"(--set model.weights={str(latest)!r})")
+    ckpt.check_planned_steps(latest, recipe.train.schedule, recipe.train.steps)
 
     import torch
     from accelerate.utils import set_seed

@@ -96,6 +96,7 @@ def setup(recipe: RlRecipe, resume: bool, show_progress: bool, rewards: Callable
         return recipe_difference(old, recipe, OPERATIONAL)
 
     latest, state = ckpt.resumable_checkpoint(out, digest, resume, changed_at)
+    ckpt.check_planned_steps(latest, recipe.train.schedule, recipe.train.steps)
 
     from accelerate.utils import set_seed
 
