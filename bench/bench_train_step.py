@@ -1,7 +1,7 @@
 """What a training step of the shipped embedded transformer costs under the CPU levers that
 docs/embedded.md weighs, side by side against the plain float32 step:
 
-    .venv/bin/python bench/bench_train_step.py                  # 2 threads, 6 rounds (~4 min)
+    .venv/bin/python bench/bench_train_step.py                  # 2 threads, 6 rounds (~1-2 min)
     .venv/bin/python bench/bench_train_step.py --threads 1 --rounds 4 --no-compile
 
 One step = forward of `FluxTransformer2DModel` (psr/assets/embedded/transformer, float32) on a
@@ -37,14 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Step:
     """One configuration's model, optimizer and batch, built once."""
 
-    def __init__(self, name: str, text_tokens: int, autocast: bool, compiled: bool, seed: int = 0):
+    def __init__(self, text_tokens: int, autocast: bool, compiled: bool, seed: int = 0):
         import torch
         from diffusers import FluxTransformer2DModel
 
         from psr.core.embedded import EMBEDDED_REFERENCE_LAYOUT
         from psr.core.positions import sequence_ids
 
-        self.name, self.autocast = name, autocast
+        self.autocast = autocast
         self.transformer = FluxTransformer2DModel.from_pretrained(ROOT / "psr/assets/embedded/transformer",
                                                                   torch_dtype=torch.float32).train()
         self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=1e-4)
@@ -92,7 +92,7 @@ def main() -> int:
         configs["compile"] = (64, False, True)
     steps, notes = {}, []
     for name, (text_tokens, autocast, compiled) in configs.items():
-        step = Step(name, text_tokens, autocast, compiled)
+        step = Step(text_tokens, autocast, compiled)
         start = time.perf_counter()
         step()  # warm-up; for `compile`, the compile itself
         if compiled:
