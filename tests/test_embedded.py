@@ -1,6 +1,7 @@
 """The embedded architecture (psr.core.embedded), its ToyWorld-trained VAE (psr/assets/toyworld/vae)
 and the `toy-vae` fitter."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,6 +152,13 @@ def test_committed_stage1_checkpoint_is_the_one_stage2_reads(default_components)
     assert json.loads((folder / "state.json").read_text())["step"] == 10000
     stage2 = load_recipe("pretrain", str(root / "recipes" / "pretrain-embedded-anneal.toml"))
     assert Path(stage2.model.weights).name == folder.name
+    # Stage 2 learns on the easy examples without their jitter: the same seeds and settings,
+    # only the level differs.
+    easy = load_recipe("synth", str(root / "recipes" / "synth-toy-easy.toml"))
+    aligned = load_recipe("synth", str(root / "recipes" / "synth-toy-aligned.toml"))
+    assert Path(stage1["data"]["path"]).name == "synth-toy-easy" and Path(stage2.data.path).name == "synth-toy-aligned"
+    assert aligned.toyworld.level == "easy-aligned" and easy.toyworld.level == "easy"
+    assert dataclasses.replace(aligned, toyworld=dataclasses.replace(aligned.toyworld, level="easy")) == easy
 
     transformer = copy.deepcopy(default_components.transformer)
     assert "ema.safetensors" in load_weights(transformer, str(folder))

@@ -381,6 +381,39 @@ def test_overall_is_the_mean_of_subset_means():
     assert result["overall"]["samples"] == 3 and result["overall"]["counts"] == {"cons_hungarian": 3}
 
 
+def test_identity_failures_are_named_by_the_first_check_missed_and_tallied():
+    from psr.eval.report import aggregate, markdown
+    from psr.eval.scoring import identity_failure_reason
+
+    sim = np.array([[0.9, 0.2], [0.6, 0.4]])  # [instances, references]
+    assert identity_failure_reason(sim, 0, None) == "no_instance"
+    assert identity_failure_reason(sim, 1, 1) == "other_reference"  # instance 1 looks more like reference 0
+    assert identity_failure_reason(np.array([[0.3, 0.1]]), 0, 0) == "below_threshold"
+
+    def subject(ok, why=None):
+        return {"identity_ok": ok, "identity_failure": why}
+
+    records = [
+        {"subset": "A", "index": 0, "seed": 0, "image": None, "failures": [], "scores": {"id_acc": 0.5},
+         "details": {"subjects": [subject(True), subject(False, "no_instance")]}},
+        {"subset": "A", "index": 1, "seed": 0, "image": None, "failures": [], "scores": {"id_acc": 0.0},
+         "details": {"subjects": [subject(False, "below_threshold"), subject(False, "no_instance")]}},
+        {"subset": "B", "index": 0, "seed": 0, "image": None, "failures": [], "scores": {},
+         "details": {"subjects": [subject(None), subject(None)]}},  # no ground truth: no check
+    ]
+    result = aggregate(records, ["A", "B"], ["id_acc"])
+    assert result["subsets"]["A"]["identity"] == {"subjects": 4, "ok": 1, "no_instance": 2,
+                                                  "other_reference": 0, "below_threshold": 1}
+    assert "identity" not in result["subsets"]["B"]
+    assert result["overall"]["identity"]["subjects"] == 4
+    text = markdown({**result, "mode": "generate", "bench": "b", "metrics": ["id_acc"], "penalty": 0.0})
+    assert "| A | 4 | 0.250 | 0.500 | 0.000 | 0.250 |" in text
+    # Without ground truth there is no table.
+    plain = aggregate(records[2:], ["B"], ["id_acc"])
+    assert "Why identity" not in markdown({**plain, "mode": "generate", "bench": "b", "metrics": ["id_acc"],
+                                           "penalty": 0.0})
+
+
 def test_clip_t_and_aesthetic_columns_are_scored_and_cached(bench, recipe, tmp_path, one_thread):
     folder = tmp_path / "plain"
     _psrbench_schema_bench(bench, folder, lambda k, item: item["gt_target_path"])

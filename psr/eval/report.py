@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from psr.errors import UserError
+from psr.eval.scoring import IDENTITY_FAILURES
 
 LABELS = {
     "cons_psrbench": "cons PSRBench", "cons_hungarian": "cons Hungarian", "leakage": "leakage",
@@ -48,6 +49,8 @@ def aggregate(records: Sequence[dict], subsets: Sequence[str], metrics: Sequence
             "means": {m: _mean(v) for m, v in values.items() if v},
             "counts": {m: len(v) for m, v in values.items() if v},
         }
+        if identity := identity_tally(mine):
+            rows[name]["identity"] = identity
     overall_means = {}
     for m in metrics:
         per_subset = [row["means"][m] for row in rows.values() if m in row["means"]]
@@ -56,9 +59,47 @@ def aggregate(records: Sequence[dict], subsets: Sequence[str], metrics: Sequence
     overall = {key: sum(row[key] for row in rows.values()) for key in ("items", "samples", "failed")}
     overall["means"] = overall_means
     overall["counts"] = {m: sum(row["counts"].get(m, 0) for row in rows.values()) for m in overall_means}
+    tallies = [row["identity"] for row in rows.values() if "identity" in row]
+    if tallies:
+        overall["identity"] = {key: sum(t[key] for t in tallies) for key in tallies[0]}
     failures = [{"subset": r["subset"], "index": r["index"], "seed": r["seed"], "image": r["image"], **f}
                 for r in records for f in r["failures"]]
     return {"subsets": rows, "overall": overall, "failures": failures}
+
+
+def identity_tally(records: Sequence[dict]) -> dict[str, int] | None:
+    """Subjects with an identity check in these samples: {"subjects", "ok", then one count
+    per scoring.IDENTITY_FAILURES reason}; None when no sample had one (no ground truth)."""
+    checked = [s for r in records for s in r["details"].get("subjects", []) if s.get("identity_ok") is not None]
+    if not checked:
+        return None
+    tally = {"subjects": len(checked), "ok": sum(1 for s in checked if s["identity_ok"])}
+    for reason in IDENTITY_FAILURES:
+        tally[reason] = sum(1 for s in checked if not s["identity_ok"] and s.get("identity_failure") == reason)
+    return tally
+
+
+IDENTITY_FAILURE_LABELS = {"no_instance": "no instance of its category", "other_reference":
+                           "closer to another reference", "below_threshold": "below the threshold"}
+
+
+def identity_table(results: dict) -> list[str]:
+    """Markdown lines: per subset, the share of subjects whose identity check passed and
+    failed for each reason (nothing when no subset had ground truth)."""
+    named = [(name, row["identity"]) for name, row in
+             [*results["subsets"].items(), ("**overall**", results["overall"])] if "identity" in row]
+    if not named:
+        return []
+    head = ["subset", "subjects", "ok"] + [IDENTITY_FAILURE_LABELS[r] for r in IDENTITY_FAILURES]
+    note = ("Shares of the subjects checked (pooled over subsets in the overall row; samples that failed "
+            "before scoring are not in them): `ok` passed, every other subject failed for the first reason "
+            "it meets, in the order of the columns.")
+    lines = ["## Why identity checks failed", "", note, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, tally in named:
+        shares = [tally[key] / tally["subjects"] for key in ("ok", *IDENTITY_FAILURES)]
+        lines.append(f"| {name} | {tally['subjects']} | " + " | ".join(f"{v:.3f}" for v in shares) + " |")
+    return lines + [""]
 
 
 def _fmt(value: float | None) -> str:
@@ -139,6 +180,7 @@ def markdown(results: dict) -> str:
     if protocol := results.get("protocol"):
         lines += [PROTOCOL_NOTES[protocol], ""]
     lines += [markdown_table(results), ""]
+    lines += identity_table(results)
     if comparison := results.get("compare"):
         lines += [f"## Gap: this run − `{comparison['other']}` ({comparison['mode']})", ""]
         columns = [m for m in _columns(results) if m in comparison["gap"]["overall"]]

@@ -95,6 +95,22 @@ def failure_reason(err: BaseException) -> str:
     return _first_line(err)
 
 
+# Why a subject's identity check failed, by the first of its three conditions it misses
+# (the `identity_failure` of each subject in a sample's details; report.py counts them):
+# no detected instance (of its category, with same_category) was matched to it, the
+# matched instance looks closer to another of the item's references, or its similarity
+# to its own reference is below identity_threshold.
+IDENTITY_FAILURES = ("no_instance", "other_reference", "below_threshold")
+
+
+def identity_failure_reason(sim: np.ndarray, reference: int, instance: int | None) -> str:
+    """The IDENTITY_FAILURES entry for a failed check of `reference` matched to `instance`
+    (None: unmatched); sim is [instances, references]."""
+    if instance is None:
+        return "no_instance"
+    return "other_reference" if int(np.argmax(sim[instance])) != reference else "below_threshold"
+
+
 def _iou(a, b) -> float:
     return box_iou(a, b)
 
@@ -196,12 +212,15 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
             scores["pos_exact"] = float(bool(position_correct(relation, a, b, out.size))) if a and b else PENALTY
 
     identity_ok = [None] * n
+    identity_failure = [None] * n
     analysis = None
     gt = item.gt
     if gt is not None:
         for i, j in enumerate(matched):
             identity_ok[i] = bool(j is not None and int(np.argmax(sim[j])) == i
                                   and sim[j, i] >= recipe.identity_threshold)
+            if not identity_ok[i]:
+                identity_failure[i] = identity_failure_reason(sim, i, j)
         scores["id_acc"] = float(np.mean(identity_ok))
         analysis = perc.analyze(out)
         counted = analysis.get("detections", []) if analysis is not None else instances
@@ -217,7 +236,8 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
     details = {
         "subjects": [{"category": c, "reference_box": ref_boxes[i], "psrbench_box": p_boxes[i],
                       "psrbench_sim": p_sims[i], "matched_box": m_boxes[i], "matched_sim": m_sims[i],
-                      "identity_ok": identity_ok[i]} for i, c in enumerate(cats)],
+                      "identity_ok": identity_ok[i], "identity_failure": identity_failure[i]}
+                     for i, c in enumerate(cats)],
         "instances": [{"box": d["box"], "score": d["score"], "label": d["label"]} for d in instances],
         "duplicates": [{"instance": e, "of_reference": r} for e, r in zip(align.duplicates, align.duplicate_of)],
         "similarity": sim.round(4).tolist(),

@@ -82,13 +82,14 @@ def test_the_full_level_is_the_default_and_draws_what_it_always_drew():
                          "hexagon creature wearing a scarf and with a dark outline in the sky")
 
 
+@pytest.mark.parametrize("name", ["easy", "easy-aligned"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_easy_level_keeps_the_floor_position_and_scale_change_and_held_out_identities(k):
+def test_easy_level_keeps_the_floor_position_and_scale_change_and_held_out_identities(k, name):
     from psr.toyworld.layout import predicted_box
 
-    level = tw.sampling.LEVELS["easy"]
+    level = tw.sampling.LEVELS[name]
     for seed in range(20):
-        ex = tw.sample_example(seed, k, EVAL, level="easy")
+        ex = tw.sample_example(seed, k, EVAL, level=name)
         for subject, ref in zip(ex.target.subjects, ex.references):
             identity = tw.Identity.from_id(subject.identity)
             assert EVAL[0] <= subject.identity < EVAL[1]
@@ -122,8 +123,33 @@ def test_easy_level_puts_subjects_at_their_slots():
         assert left[0].x < left[1].x
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_the_aligned_level_is_the_easy_example_without_its_jitter(k):
+    from psr.toyworld.layout import SLOTS, predicted_box
+
+    def centre(b):
+        return ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+
+    for seed in range(10):
+        easy = tw.sample_example(seed, k, TRAIN, level="easy")
+        aligned = tw.sample_example(seed, k, TRAIN, level="easy-aligned")
+        assert aligned.prompt == easy.prompt and aligned.target.relation == easy.target.relation
+        slots = SLOTS[(easy.target.relation,)] if k == 2 and easy.target.relation != "next to" else SLOTS.get(k)
+        for i, (a, e) in enumerate(zip(aligned.target.subjects, easy.target.subjects)):
+            assert (a.identity, a.pose, a.size) == (e.identity, e.pose, e.size)
+            if slots is not None:
+                assert centre(predicted_box(a)) == pytest.approx(slots[i], abs=1e-3)
+            lone = aligned.references[i].subjects[0]
+            assert centre(predicted_box(lone)) == pytest.approx((0.5, 0.5), abs=1e-3)
+            assert lone.size * 32 / (a.size * 64) == pytest.approx(0.849, abs=1e-3)
+    # while the easy level's own subjects sit off their slots, up to its jitter
+    shifted = [centre(predicted_box(s)) != pytest.approx(slot, abs=1e-3) for seed in range(10)
+               for s, slot in zip(tw.sample_example(seed, 4, TRAIN, level="easy").target.subjects, SLOTS[4])]
+    assert any(shifted)
+
+
 def test_unknown_level_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="unknown ToyWorld level 'eazy'; known: \\['full', 'easy'\\]"):
+    with pytest.raises(ValueError, match="unknown ToyWorld level 'eazy'; known: \\['full', 'easy', 'easy-aligned'\\]"):
         tw.sample_example(0, 2, TRAIN, level="eazy")
 
 
