@@ -386,9 +386,10 @@ def test_identity_failures_are_named_by_the_first_check_missed_and_tallied():
     from psr.eval.scoring import identity_failure_reason
 
     sim = np.array([[0.9, 0.2], [0.6, 0.4]])  # [instances, references]
-    assert identity_failure_reason(sim, 0, None) == "no_instance"
-    assert identity_failure_reason(sim, 1, 1) == "other_reference"  # instance 1 looks more like reference 0
-    assert identity_failure_reason(np.array([[0.3, 0.1]]), 0, 0) == "below_threshold"
+    assert identity_failure_reason(sim, 0, None, 0.5) == "no_instance"
+    assert identity_failure_reason(sim, 1, 1, 0.5) == "other_reference"  # instance 1 looks more like reference 0
+    assert identity_failure_reason(np.array([[0.3, 0.1]]), 0, 0, 0.5) == "below_threshold"
+    assert identity_failure_reason(sim, 0, 0, 0.5) is None  # the check passes
 
     def subject(ok, why=None):
         return {"identity_ok": ok, "identity_failure": why}

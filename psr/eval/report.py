@@ -69,7 +69,7 @@ def aggregate(records: Sequence[dict], subsets: Sequence[str], metrics: Sequence
 
 def identity_tally(records: Sequence[dict]) -> dict[str, int] | None:
     """Subjects with an identity check in these samples: {"subjects", "ok", then one count
-    per scoring.IDENTITY_FAILURES reason}; None when no sample had one (no ground truth)."""
+    per scoring.IDENTITY_FAILURES key}; None when no sample had one (no ground truth)."""
     checked = [s for r in records for s in r["details"].get("subjects", []) if s.get("identity_ok") is not None]
     if not checked:
         return None
@@ -79,10 +79,6 @@ def identity_tally(records: Sequence[dict]) -> dict[str, int] | None:
     return tally
 
 
-IDENTITY_FAILURE_LABELS = {"no_instance": "no instance of its category", "other_reference":
-                           "closer to another reference", "below_threshold": "below the threshold"}
-
-
 def identity_table(results: dict) -> list[str]:
     """Markdown lines: per subset, the share of subjects whose identity check passed and
     failed for each reason (nothing when no subset had ground truth)."""
@@ -90,7 +86,7 @@ def identity_table(results: dict) -> list[str]:
              [*results["subsets"].items(), ("**overall**", results["overall"])] if "identity" in row]
     if not named:
         return []
-    head = ["subset", "subjects", "ok"] + [IDENTITY_FAILURE_LABELS[r] for r in IDENTITY_FAILURES]
+    head = ["subset", "subjects", "ok"] + list(IDENTITY_FAILURES.values())
     note = ("Shares of the subjects checked (pooled over subsets in the overall row; samples that failed "
             "before scoring are not in them): `ok` passed, every other subject failed for the first reason "
             "it meets, in the order of the columns.")

@@ -96,19 +96,23 @@ def failure_reason(err: BaseException) -> str:
 
 
 # Why a subject's identity check failed, by the first of its three conditions it misses
-# (the `identity_failure` of each subject in a sample's details; report.py counts them):
-# no detected instance (of its category, with same_category) was matched to it, the
-# matched instance looks closer to another of the item's references, or its similarity
-# to its own reference is below identity_threshold.
-IDENTITY_FAILURES = ("no_instance", "other_reference", "below_threshold")
+# (the `identity_failure` of each subject in a sample's details; report.py counts them,
+# under these labels): no detected instance (of its category, with same_category) was
+# matched to it, the matched instance looks closer to another of the item's references, or
+# its similarity to its own reference is below identity_threshold.
+IDENTITY_FAILURES = {"no_instance": "no instance of its category", "other_reference": "closer to another reference",
+                     "below_threshold": "below the threshold"}
 
 
-def identity_failure_reason(sim: np.ndarray, reference: int, instance: int | None) -> str:
-    """The IDENTITY_FAILURES entry for a failed check of `reference` matched to `instance`
-    (None: unmatched); sim is [instances, references]."""
+def identity_failure_reason(sim: np.ndarray, reference: int, instance: int | None, threshold: float) -> str | None:
+    """The identity check of `reference` matched to `instance` (None: unmatched), sim being
+    [instances, references]: None when it passes, else the IDENTITY_FAILURES key of the
+    first condition it misses."""
     if instance is None:
         return "no_instance"
-    return "other_reference" if int(np.argmax(sim[instance])) != reference else "below_threshold"
+    if int(np.argmax(sim[instance])) != reference:
+        return "other_reference"
+    return None if sim[instance, reference] >= threshold else "below_threshold"
 
 
 def _iou(a, b) -> float:
@@ -217,10 +221,8 @@ def _subjects(perc: Perception, recipe: "EvalRecipe", item: Item, refs: list[Pic
     gt = item.gt
     if gt is not None:
         for i, j in enumerate(matched):
-            identity_ok[i] = bool(j is not None and int(np.argmax(sim[j])) == i
-                                  and sim[j, i] >= recipe.identity_threshold)
-            if not identity_ok[i]:
-                identity_failure[i] = identity_failure_reason(sim, i, j)
+            identity_failure[i] = identity_failure_reason(sim, i, j, recipe.identity_threshold)
+            identity_ok[i] = identity_failure[i] is None
         scores["id_acc"] = float(np.mean(identity_ok))
         analysis = perc.analyze(out)
         counted = analysis.get("detections", []) if analysis is not None else instances
